@@ -1,0 +1,203 @@
+//! Command line and environment configuration.
+//!
+//! Every flag can also be set through a `FERRY_*` environment variable; flags win over the environment,
+//! and both win over the defaults below.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about = "Resumable chunked uploads (tus 1.0) into object storage")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Options for `serve` when no subcommand is given.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the upload service (what a bare `ferry` does).
+    Serve(ServeArgs),
+    /// Apply database migrations and exit (`serve` applies them at start too).
+    Migrate(DatabaseArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// Folder for the default SQLite database and the default local store.
+    #[arg(long, env = "FERRY_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Database URL: `postgres://...` selects PostgreSQL, `sqlite://...` a SQLite file.
+    /// Default: `sqlite://<data-dir>/ferry.db`.
+    #[arg(long, env = "FERRY_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+impl DatabaseArgs {
+    /// The database URL in force, with the SQLite default filled in.
+    pub fn url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("ferry.db").display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address and port to listen on.
+    #[arg(long, env = "FERRY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Where upload bytes go: a folder path or `file:///path` (local disk).
+    /// Default: `<data-dir>/store`.
+    #[arg(long, env = "FERRY_STORE")]
+    pub store: Option<String>,
+
+    /// URL path under which the tus endpoint lives; uploads are `<base-path><id>`.
+    #[arg(long, env = "FERRY_BASE_PATH", default_value = "/files/", value_parser = parse_base_path)]
+    pub base_path: String,
+
+    /// Largest upload accepted, advertised as `Tus-Max-Size` (e.g. `100GiB`, `512MiB`, `1048576`).
+    #[arg(long, env = "FERRY_MAX_SIZE", default_value = "100GiB", value_parser = parse_size)]
+    pub max_size: u64,
+
+    /// Incomplete uploads with no activity for this long are expired and their bytes deleted
+    /// (e.g. `24h`, `30m`, `90s`).
+    #[arg(long, env = "FERRY_EXPIRE_AFTER", default_value = "24h", value_parser = parse_duration)]
+    pub expire_after: Duration,
+
+    /// Origins allowed to call the API from a browser (comma-separated; `*` allows any).
+    /// Empty: no CORS headers are sent.
+    #[arg(long, env = "FERRY_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+
+    /// How long a client may take to send a request's headers before the connection is closed
+    /// (stops slowloris clients). Also bounds how long an idle keep-alive connection stays open.
+    #[arg(long, env = "FERRY_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// How long a request body may stall between two reads before ferry keeps what arrived and
+    /// ends the request. A slow upload that keeps moving is never cut off.
+    #[arg(long, env = "FERRY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// How often the background sweeper looks for expired uploads and leftover bytes.
+    #[arg(long, env = "FERRY_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub sweep_interval: Duration,
+}
+
+impl ServeArgs {
+    /// The store location in force, with the local default filled in.
+    pub fn store_url(&self) -> String {
+        match &self.store {
+            Some(store) => store.clone(),
+            None => self.database.data_dir.join("store").display().to_string(),
+        }
+    }
+}
+
+fn parse_base_path(value: &str) -> Result<String, String> {
+    if !value.starts_with('/') {
+        return Err("must start with '/'".into());
+    }
+    if value.contains(['?', '#', ' ']) {
+        return Err("must be a plain path".into());
+    }
+    let mut path = value.to_string();
+    if !path.ends_with('/') {
+        path.push('/');
+    }
+    Ok(path)
+}
+
+/// Parses a byte size: a plain number of bytes or a number with a unit (`KB`, `MB`, `GB`, `TB`
+/// are powers of 1000; `KiB`, `MiB`, `GiB`, `TiB` and the bare `K`, `M`, `G`, `T` are powers of 1024).
+pub fn parse_size(value: &str) -> Result<u64, String> {
+    let value = value.trim();
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (digits, unit) = value.split_at(split);
+    let number: u64 =
+        digits.parse().map_err(|_| format!("'{value}' is not a size such as 1048576, 512MiB or 10GiB"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1000u64.pow(2),
+        "gb" => 1000u64.pow(3),
+        "tb" => 1000u64.pow(4),
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "t" | "tib" => 1 << 40,
+        other => return Err(format!("unknown size unit '{other}'")),
+    };
+    let size = number
+        .checked_mul(multiplier)
+        .filter(|size| *size <= i64::MAX as u64)
+        .ok_or_else(|| format!("'{value}' is too large"))?;
+    if size == 0 {
+        return Err("must be greater than zero".into());
+    }
+    Ok(size)
+}
+
+/// Parses a duration such as `24h`, `30m`, `90s`, `500ms` or `1d`; a bare number is seconds.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let split = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
+    let (digits, unit) = value.split_at(split);
+    let number: u64 =
+        digits.parse().map_err(|_| format!("'{value}' is not a duration such as 24h, 30m, 90s or 500ms"))?;
+    let duration = match unit.trim() {
+        "ms" => Duration::from_millis(number),
+        "" | "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number.saturating_mul(60)),
+        "h" => Duration::from_secs(number.saturating_mul(3600)),
+        "d" => Duration::from_secs(number.saturating_mul(86400)),
+        other => return Err(format!("unknown duration unit '{other}'")),
+    };
+    if duration.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(duration)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn base_paths() {
+        assert_eq!(parse_base_path("/files").unwrap(), "/files/");
+        assert_eq!(parse_base_path("/up/files/").unwrap(), "/up/files/");
+        assert!(parse_base_path("files/").is_err());
+    }
+}

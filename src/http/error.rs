@@ -1,0 +1,90 @@
+//! One error type for every handler, with an explicit status per variant. Client errors carry a
+//! readable plain-text message; server errors are logged and answered with an opaque body.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+
+use crate::uploads::UploadError;
+
+/// tus's own status for a checksum mismatch.
+pub const CHECKSUM_MISMATCH: u16 = 460;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// A request header is missing or malformed (400).
+    BadHeader(String),
+    /// Wrong `Content-Type` for an append (415).
+    UnsupportedMediaType(String),
+    /// Missing or unsupported `Tus-Resumable` (412).
+    UnsupportedVersion(String),
+    /// Range outside the object (416).
+    RangeNotSatisfiable(u64),
+    Upload(UploadError),
+}
+
+impl From<UploadError> for ApiError {
+    fn from(e: UploadError) -> Self {
+        Self::Upload(e)
+    }
+}
+
+impl ApiError {
+    pub fn bad_header(message: impl Into<String>) -> Self {
+        Self::BadHeader(message.into())
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::BadHeader(_) => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::UnsupportedVersion(_) => StatusCode::PRECONDITION_FAILED,
+            Self::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
+            Self::Upload(e) => match e {
+                UploadError::NotFound(_) => StatusCode::NOT_FOUND,
+                UploadError::Gone(_) => StatusCode::GONE,
+                UploadError::OffsetMismatch { .. } | UploadError::Conflict(_) => StatusCode::CONFLICT,
+                UploadError::Forbidden(_) => StatusCode::FORBIDDEN,
+                UploadError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                UploadError::Invalid(_) | UploadError::BodyCutOff(_) => StatusCode::BAD_REQUEST,
+                UploadError::ChecksumMismatch => {
+                    StatusCode::from_u16(CHECKSUM_MISMATCH).expect("460 is a valid status")
+                }
+                UploadError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+                UploadError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = match &self {
+            Self::BadHeader(m) | Self::UnsupportedMediaType(m) | Self::UnsupportedVersion(m) => m.clone(),
+            Self::RangeNotSatisfiable(size) => format!("the range is outside the {size} bytes of this upload"),
+            Self::Upload(UploadError::Internal(e)) => {
+                tracing::error!(error = ?e, "request failed");
+                "internal error; the details are in the server log".to_string()
+            }
+            Self::Upload(e) => e.to_string(),
+        };
+        let mut response =
+            (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{message}\n")).into_response();
+        let headers = response.headers_mut();
+        match &self {
+            Self::Upload(UploadError::OffsetMismatch { expected, .. }) => {
+                headers.insert("upload-offset", HeaderValue::from(*expected));
+            }
+            Self::UnsupportedVersion(_) => {
+                headers.insert("tus-version", HeaderValue::from_static(super::tus::TUS_VERSION));
+            }
+            Self::RangeNotSatisfiable(size) => {
+                if let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                    headers.insert(header::CONTENT_RANGE, value);
+                }
+            }
+            _ => {}
+        }
+        response
+    }
+}

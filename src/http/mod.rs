@@ -1,0 +1,135 @@
+//! HTTP: the axum router, tus handlers, downloads, the web page, CORS and method override.
+
+mod download;
+pub mod error;
+pub mod headers;
+pub mod tus;
+
+use std::time::Duration;
+
+use axum::{
+    Router,
+    http::{HeaderValue, Method, header},
+    response::{Html, IntoResponse},
+    routing::{get, post},
+};
+use tower_http::{
+    cors::{AllowOrigin, CorsLayer},
+    trace::TraceLayer,
+};
+
+use crate::uploads::Uploads;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub uploads: Uploads,
+    pub base_path: String,
+}
+
+/// Response headers a browser client must be able to read.
+const EXPOSED_HEADERS: &[&str] = &[
+    "location",
+    "upload-offset",
+    "upload-length",
+    "upload-defer-length",
+    "upload-metadata",
+    "upload-expires",
+    "upload-concat",
+    "tus-resumable",
+    "tus-version",
+    "tus-extension",
+    "tus-max-size",
+    "tus-checksum-algorithm",
+    "repr-digest",
+    "content-disposition",
+    "content-range",
+    "content-length",
+    "etag",
+];
+
+/// Request headers a browser client may send.
+const ALLOWED_HEADERS: &[&str] = &[
+    "authorization",
+    "content-type",
+    "upload-offset",
+    "upload-length",
+    "upload-defer-length",
+    "upload-metadata",
+    "upload-checksum",
+    "upload-concat",
+    "tus-resumable",
+    "x-http-method-override",
+    "x-requested-with",
+    "range",
+    "if-range",
+    "if-none-match",
+];
+
+pub fn router(state: AppState, cors_origins: &[String]) -> Router {
+    let base = state.base_path.clone();
+    let collection = base.trim_end_matches('/').to_string();
+    let tus_routes = Router::new()
+        .route(&collection, post(tus::create).options(tus::options))
+        .route(&base, post(tus::create).options(tus::options))
+        .route(
+            &format!("{base}{{id}}"),
+            get(download::download).head(tus::head).patch(tus::append).delete(tus::terminate).options(tus::options),
+        )
+        .layer(axum::middleware::from_fn(tus::tus_resumable));
+
+    let router = Router::new()
+        .merge(tus_routes)
+        .route("/", get(index))
+        .route("/healthz", get(healthz))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state);
+
+    match cors(cors_origins) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    }
+}
+
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o.trim()).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::HEAD, Method::POST, Method::PATCH, Method::DELETE, Method::OPTIONS])
+            .allow_headers(ALLOWED_HEADERS.iter().map(|h| header::HeaderName::from_static(h)).collect::<Vec<_>>())
+            .expose_headers(EXPOSED_HEADERS.iter().map(|h| header::HeaderName::from_static(h)).collect::<Vec<_>>())
+            .max_age(Duration::from_secs(86400)),
+    )
+}
+
+/// `X-HTTP-Method-Override`: clients that can only send GET and POST name the real method here.
+/// Applied before routing.
+pub fn method_override<B>(mut request: http::Request<B>) -> http::Request<B> {
+    if let Some(method) = request
+        .headers()
+        .get("x-http-method-override")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Method::from_bytes(v.trim().to_ascii_uppercase().as_bytes()).ok())
+    {
+        *request.method_mut() = method;
+    }
+    request
+}
+
+async fn index() -> impl IntoResponse {
+    (
+        [(header::CACHE_CONTROL, "no-cache"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")],
+        Html(include_str!("../../web/index.html")),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}

@@ -1,0 +1,13 @@
+//! ferry: resumable chunked uploads (tus 1.0) into object storage.
+//!
+//! Layers, top to bottom: [`http`] (axum handlers) -> [`uploads`] (the domain) -> [`repo`]
+//! (metadata and offsets, PostgreSQL or SQLite) and [`store`] (bytes, on object_store).
+
+pub mod config;
+pub mod http;
+pub mod repo;
+pub mod server;
+pub mod store;
+pub mod uploads;
+
+pub use server::{App, launch};

@@ -1,0 +1,145 @@
+//! Metadata and offsets behind one trait, with a PostgreSQL and a SQLite implementation.
+//! All SQL lives in this module.
+
+mod sql;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::uploads::types::{Concat, Metadata, UploadId, UploadState};
+
+pub use sql::{PgRepo, SqliteRepo};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt row for upload {id}: {reason}")]
+    Corrupt { id: String, reason: String },
+}
+
+pub type Result<T, E = RepoError> = std::result::Result<T, E>;
+
+/// An upload as stored.
+#[derive(Debug, Clone)]
+pub struct UploadRow {
+    pub id: UploadId,
+    pub length: Option<u64>,
+    pub offset: u64,
+    pub metadata: Metadata,
+    pub state: UploadState,
+    pub concat: Concat,
+    pub hash_state: Vec<u8>,
+    pub sha256: Option<[u8; 32]>,
+    pub owner: Option<String>,
+    pub write_gen: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub expires_at: Option<i64>,
+}
+
+/// A new upload to insert.
+#[derive(Debug, Clone)]
+pub struct NewUpload {
+    pub id: UploadId,
+    pub length: Option<u64>,
+    pub metadata: Metadata,
+    pub state: UploadState,
+    pub concat: Concat,
+    pub hash_state: Vec<u8>,
+    pub sha256: Option<[u8; 32]>,
+    pub owner: Option<String>,
+    pub now: i64,
+    pub expires_at: Option<i64>,
+}
+
+/// The right to append at an offset, taken by [`Repo::lease_append`].
+#[derive(Debug, Clone)]
+pub struct AppendLease {
+    /// This writer's generation; a newer writer gets a higher one and supersedes this one.
+    pub generation: i64,
+    /// The saved whole-file hash state at the leased offset.
+    pub hash_state: Vec<u8>,
+}
+
+/// The result of an append, committed by compare-and-set.
+#[derive(Debug, Clone)]
+pub struct AppendCommit {
+    pub id: UploadId,
+    pub generation: i64,
+    pub from_offset: u64,
+    pub to_offset: u64,
+    pub hash_state: Vec<u8>,
+    /// A deferred length declared by this request; committed only if still unset or equal.
+    pub length: Option<u64>,
+    /// Set when this append completes the upload.
+    pub sha256: Option<[u8; 32]>,
+    pub now: i64,
+    pub expires_at: Option<i64>,
+}
+
+#[async_trait]
+pub trait Repo: Send + Sync + 'static {
+    /// Applies the migrations of this backend.
+    async fn migrate(&self) -> Result<()>;
+
+    /// Checks that the database answers.
+    async fn ping(&self) -> Result<()>;
+
+    async fn insert(&self, upload: &NewUpload) -> Result<()>;
+
+    async fn get(&self, id: UploadId) -> Result<Option<UploadRow>>;
+
+    /// Takes the right to append at `offset`: succeeds only while the upload is receiving and its
+    /// offset is exactly `offset`. Every lease bumps the writer generation, so an older request
+    /// still in flight for the same upload loses its right to write and to commit.
+    async fn lease_append(
+        &self,
+        id: UploadId,
+        offset: u64,
+        now: i64,
+        expires_at: Option<i64>,
+    ) -> Result<Option<AppendLease>>;
+
+    /// Moves the offset from `from_offset` to `to_offset` if the writer still holds the newest
+    /// generation; completes the upload when `sha256` is set. Returns false when superseded.
+    async fn commit_append(&self, commit: &AppendCommit) -> Result<bool>;
+
+    /// Marks an upload terminated unless it is gone already or a final upload still being
+    /// assembled reads from it. Returns false when nothing changed.
+    async fn terminate(&self, id: UploadId, now: i64) -> Result<bool>;
+
+    /// Marks receiving uploads whose expiry passed as expired, returning their ids.
+    async fn expire_due(&self, now: i64, limit: i64) -> Result<Vec<UploadId>>;
+
+    /// Terminated or expired uploads whose bytes still have to be deleted.
+    async fn pending_deletions(&self, limit: i64) -> Result<Vec<UploadId>>;
+
+    async fn mark_bytes_deleted(&self, id: UploadId) -> Result<()>;
+
+    /// Forgets terminated and expired uploads (whose bytes are gone) last changed before `before`.
+    async fn purge_gone(&self, before: i64) -> Result<u64>;
+
+    /// Claims one upload in state `completing` whose job is not held by a live lease.
+    async fn claim_completion(&self, now: i64, lease_until: i64) -> Result<Option<UploadRow>>;
+
+    /// Extends a completion lease; false if another worker took it over.
+    async fn renew_completion(&self, id: UploadId, held_until: i64, lease_until: i64) -> Result<bool>;
+
+    /// Marks a completing upload completed with its bytes assembled.
+    async fn finish_completion(&self, id: UploadId, sha256: [u8; 32], now: i64) -> Result<bool>;
+}
+
+/// Connects to the database named by `url` (`postgres://` or `sqlite://`).
+pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Repo>> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PgRepo::connect(url).await?))
+    } else if url.starts_with("sqlite:") {
+        Ok(Arc::new(SqliteRepo::connect(url).await?))
+    } else {
+        anyhow::bail!("unsupported database URL (expected postgres://... or sqlite://...)")
+    }
+}

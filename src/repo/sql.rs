@@ -1,0 +1,323 @@
+//! The SQL of both backends. PostgreSQL and SQLite share one dialect here (`$n` parameters,
+//! `RETURNING`, epoch-millisecond integers), so the statements are written once and the
+//! implementation is stamped out for each pool type by `sql_repo!`.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::{
+    Row,
+    postgres::{PgPool, PgPoolOptions},
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
+};
+use uuid::Uuid;
+
+use super::{AppendCommit, AppendLease, NewUpload, Repo, RepoError, Result, UploadRow};
+use crate::uploads::types::{Concat, Metadata, UploadId, UploadState};
+
+/// PostgreSQL: what production runs; several instances share one database.
+pub struct PgRepo {
+    pool: PgPool,
+}
+
+impl PgRepo {
+    pub async fn connect(url: &str) -> Result<Self> {
+        let pool =
+            PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(10)).connect(url).await?;
+        Ok(Self { pool })
+    }
+}
+
+/// SQLite: the zero-setup default for one node.
+pub struct SqliteRepo {
+    pool: SqlitePool,
+}
+
+impl SqliteRepo {
+    pub async fn connect(url: &str) -> Result<Self> {
+        // WAL lets readers proceed while one connection writes; a crash loses at most commits
+        // whose bytes are already stored, so offsets stay honest with `synchronous = NORMAL`.
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+        Ok(Self { pool })
+    }
+}
+
+const COLUMNS: &str = "id, length, upload_offset, metadata, state, concat, concat_parts, hash_state, sha256, \
+                       owner, write_gen, created_at, updated_at, expires_at";
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).expect("sizes are validated to fit in i64")
+}
+
+fn corrupt(id: Uuid, reason: impl Into<String>) -> RepoError {
+    RepoError::Corrupt { id: id.simple().to_string(), reason: reason.into() }
+}
+
+fn concat_columns(concat: &Concat) -> (Option<&'static str>, Option<String>) {
+    match concat {
+        Concat::None => (None, None),
+        Concat::Partial => (Some("partial"), None),
+        Concat::Final(parts) => {
+            let ids: Vec<String> = parts.iter().map(ToString::to_string).collect();
+            (Some("final"), Some(serde_json::to_string(&ids).expect("ids serialize")))
+        }
+    }
+}
+
+/// Decodes a row selected with [`COLUMNS`]; generic over the row type of either backend.
+fn decode<R>(row: &R) -> Result<UploadRow>
+where
+    R: Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> Uuid: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> Vec<u8>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let uuid: Uuid = row.try_get("id")?;
+    let length: Option<i64> = row.try_get("length")?;
+    let offset: i64 = row.try_get("upload_offset")?;
+    let metadata: String = row.try_get("metadata")?;
+    let state: String = row.try_get("state")?;
+    let concat: Option<String> = row.try_get("concat")?;
+    let concat_parts: Option<String> = row.try_get("concat_parts")?;
+    let sha256: Option<Vec<u8>> = row.try_get("sha256")?;
+    let concat = match concat.as_deref() {
+        None => Concat::None,
+        Some("partial") => Concat::Partial,
+        Some("final") => {
+            let ids: Vec<String> = serde_json::from_str(concat_parts.as_deref().unwrap_or("[]"))
+                .map_err(|e| corrupt(uuid, format!("concat_parts: {e}")))?;
+            let ids = ids
+                .iter()
+                .map(|id| id.parse())
+                .collect::<std::result::Result<Vec<UploadId>, _>>()
+                .map_err(|e| corrupt(uuid, format!("concat_parts: {e}")))?;
+            Concat::Final(ids)
+        }
+        Some(other) => return Err(corrupt(uuid, format!("concat '{other}'"))),
+    };
+    Ok(UploadRow {
+        id: UploadId::from_uuid(uuid),
+        length: length.map(|l| l as u64),
+        offset: offset as u64,
+        metadata: Metadata::from_json(&metadata).map_err(|e| corrupt(uuid, format!("metadata: {e}")))?,
+        state: UploadState::parse(&state).ok_or_else(|| corrupt(uuid, format!("state '{state}'")))?,
+        concat,
+        hash_state: row.try_get("hash_state")?,
+        sha256: sha256.map(|bytes| bytes.try_into().map_err(|_| corrupt(uuid, "sha256 length"))).transpose()?,
+        owner: row.try_get("owner")?,
+        write_gen: row.try_get("write_gen")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        expires_at: row.try_get("expires_at")?,
+    })
+}
+
+macro_rules! sql_repo {
+    ($repo:ty, $migrations:literal) => {
+        #[async_trait]
+        impl Repo for $repo {
+            async fn migrate(&self) -> Result<()> {
+                sqlx::migrate!($migrations).run(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn ping(&self) -> Result<()> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn insert(&self, upload: &NewUpload) -> Result<()> {
+                let (concat, concat_parts) = concat_columns(&upload.concat);
+                sqlx::query(
+                    "INSERT INTO uploads (id, length, upload_offset, metadata, state, concat, concat_parts, \
+                     hash_state, sha256, owner, created_at, updated_at, expires_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12)",
+                )
+                .bind(upload.id.uuid())
+                .bind(upload.length.map(to_i64))
+                .bind(if upload.state == UploadState::Completed { upload.length.map(to_i64).unwrap_or(0) } else { 0 })
+                .bind(upload.metadata.to_json())
+                .bind(upload.state.as_str())
+                .bind(concat)
+                .bind(concat_parts)
+                .bind(&upload.hash_state)
+                .bind(upload.sha256.map(|h| h.to_vec()))
+                .bind(&upload.owner)
+                .bind(upload.now)
+                .bind(upload.expires_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn get(&self, id: UploadId) -> Result<Option<UploadRow>> {
+                let row = sqlx::query(&format!("SELECT {COLUMNS} FROM uploads WHERE id = $1"))
+                    .bind(id.uuid())
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(decode).transpose()
+            }
+
+            async fn lease_append(
+                &self,
+                id: UploadId,
+                offset: u64,
+                now: i64,
+                expires_at: Option<i64>,
+            ) -> Result<Option<AppendLease>> {
+                let row = sqlx::query(
+                    "UPDATE uploads SET write_gen = write_gen + 1, updated_at = $3, expires_at = $4 \
+                     WHERE id = $1 AND upload_offset = $2 AND state = 'receiving' \
+                     RETURNING write_gen, hash_state",
+                )
+                .bind(id.uuid())
+                .bind(to_i64(offset))
+                .bind(now)
+                .bind(expires_at)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(|row| {
+                    Ok(AppendLease { generation: row.try_get("write_gen")?, hash_state: row.try_get("hash_state")? })
+                })
+                .transpose()
+            }
+
+            async fn commit_append(&self, c: &AppendCommit) -> Result<bool> {
+                let completed = c.sha256.is_some();
+                let result = sqlx::query(
+                    "UPDATE uploads SET upload_offset = $4, hash_state = $5, length = COALESCE(length, $6), \
+                     sha256 = $7, state = CASE WHEN $8 THEN 'completed' ELSE state END, \
+                     updated_at = $9, expires_at = CASE WHEN $8 THEN NULL ELSE $10 END \
+                     WHERE id = $1 AND write_gen = $2 AND upload_offset = $3 AND state = 'receiving' \
+                     AND ($6 IS NULL OR length IS NULL OR length = $6)",
+                )
+                .bind(c.id.uuid())
+                .bind(c.generation)
+                .bind(to_i64(c.from_offset))
+                .bind(to_i64(c.to_offset))
+                .bind(&c.hash_state)
+                .bind(c.length.map(to_i64))
+                .bind(c.sha256.map(|h| h.to_vec()))
+                .bind(completed)
+                .bind(c.now)
+                .bind(c.expires_at)
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected() == 1)
+            }
+
+            async fn terminate(&self, id: UploadId, now: i64) -> Result<bool> {
+                let result = sqlx::query(
+                    "UPDATE uploads SET state = 'terminated', updated_at = $2, expires_at = NULL, \
+                     write_gen = write_gen + 1 \
+                     WHERE id = $1 AND state IN ('receiving', 'completing', 'completed') \
+                     AND NOT EXISTS (SELECT 1 FROM uploads f WHERE f.state = 'completing' \
+                                     AND f.concat_parts LIKE '%' || $3 || '%')",
+                )
+                .bind(id.uuid())
+                .bind(now)
+                .bind(id.to_string())
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected() == 1)
+            }
+
+            async fn expire_due(&self, now: i64, limit: i64) -> Result<Vec<UploadId>> {
+                let rows = sqlx::query(
+                    "UPDATE uploads SET state = 'expired', updated_at = $1, write_gen = write_gen + 1 \
+                     WHERE id IN (SELECT id FROM uploads WHERE state = 'receiving' AND expires_at < $1 LIMIT $2) \
+                     AND state = 'receiving' AND expires_at < $1 \
+                     RETURNING id",
+                )
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(|row| Ok(UploadId::from_uuid(row.try_get("id")?))).collect()
+            }
+
+            async fn pending_deletions(&self, limit: i64) -> Result<Vec<UploadId>> {
+                let rows = sqlx::query(
+                    "SELECT id FROM uploads WHERE state IN ('terminated', 'expired') AND NOT bytes_deleted LIMIT $1",
+                )
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(|row| Ok(UploadId::from_uuid(row.try_get("id")?))).collect()
+            }
+
+            async fn mark_bytes_deleted(&self, id: UploadId) -> Result<()> {
+                sqlx::query("UPDATE uploads SET bytes_deleted = TRUE WHERE id = $1")
+                    .bind(id.uuid())
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn purge_gone(&self, before: i64) -> Result<u64> {
+                let result = sqlx::query(
+                    "DELETE FROM uploads WHERE state IN ('terminated', 'expired') AND bytes_deleted \
+                     AND updated_at < $1",
+                )
+                .bind(before)
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected())
+            }
+
+            async fn claim_completion(&self, now: i64, lease_until: i64) -> Result<Option<UploadRow>> {
+                let row = sqlx::query(&format!(
+                    "UPDATE uploads SET claimed_until = $2 \
+                     WHERE id = (SELECT id FROM uploads WHERE state = 'completing' \
+                                 AND (claimed_until IS NULL OR claimed_until < $1) LIMIT 1) \
+                     AND state = 'completing' AND (claimed_until IS NULL OR claimed_until < $1) \
+                     RETURNING {COLUMNS}"
+                ))
+                .bind(now)
+                .bind(lease_until)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.as_ref().map(decode).transpose()
+            }
+
+            async fn renew_completion(&self, id: UploadId, held_until: i64, lease_until: i64) -> Result<bool> {
+                let result = sqlx::query(
+                    "UPDATE uploads SET claimed_until = $3 \
+                     WHERE id = $1 AND state = 'completing' AND claimed_until = $2",
+                )
+                .bind(id.uuid())
+                .bind(held_until)
+                .bind(lease_until)
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected() == 1)
+            }
+
+            async fn finish_completion(&self, id: UploadId, sha256: [u8; 32], now: i64) -> Result<bool> {
+                let result = sqlx::query(
+                    "UPDATE uploads SET state = 'completed', upload_offset = length, sha256 = $2, \
+                     claimed_until = NULL, updated_at = $3, expires_at = NULL \
+                     WHERE id = $1 AND state = 'completing'",
+                )
+                .bind(id.uuid())
+                .bind(sha256.to_vec())
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                Ok(result.rows_affected() == 1)
+            }
+        }
+    };
+}
+
+sql_repo!(PgRepo, "migrations/postgres");
+sql_repo!(SqliteRepo, "migrations/sqlite");

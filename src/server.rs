@@ -1,0 +1,121 @@
+//! Wiring: builds the service from the configuration and serves it on a listener, with the
+//! connection limits that keep stalled clients from holding resources.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+    service::TowerToHyperService,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::ServeArgs,
+    http::{self, AppState},
+    repo::{self, Repo},
+    store::{self, Store},
+    uploads::{Settings, Uploads},
+};
+
+/// Largest buffer hyper keeps per connection; request headers larger than this get 431.
+pub const MAX_HEADER_BUFFER: usize = 128 * 1024;
+
+/// How long in-flight requests may run after a shutdown signal before connections are closed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+
+/// A built service: the domain and the router over it.
+pub struct App {
+    pub uploads: Uploads,
+    pub router: axum::Router,
+}
+
+impl App {
+    pub async fn build(args: &ServeArgs) -> anyhow::Result<Self> {
+        let repo = open_database(&args.database).await?;
+        let store: Arc<dyn Store> = store::open(&args.store_url()).context("could not open the store")?;
+        let settings = Settings {
+            max_size: args.max_size,
+            expire_after: args.expire_after,
+            idle_timeout: args.idle_timeout,
+            sweep_interval: args.sweep_interval,
+        };
+        let uploads = Uploads::new(repo, store, settings);
+        let state = AppState { uploads: uploads.clone(), base_path: args.base_path.clone() };
+        let router = http::router(state, &args.cors_origin);
+        Ok(Self { uploads, router })
+    }
+}
+
+/// Connects to the configured database (creating the data folder for the SQLite default) and
+/// applies the migrations.
+pub async fn open_database(args: &crate::config::DatabaseArgs) -> anyhow::Result<Arc<dyn Repo>> {
+    let url = args.url();
+    if args.database_url.is_none() {
+        std::fs::create_dir_all(&args.data_dir)
+            .with_context(|| format!("could not create the data folder {}", args.data_dir.display()))?;
+    }
+    let repo = repo::connect(&url).await.context("could not connect to the database")?;
+    repo.migrate().await.context("could not apply database migrations")?;
+    Ok(repo)
+}
+
+/// Serves ferry on `listener` until `shutdown` resolves, then lets in-flight requests finish.
+pub async fn launch(
+    args: ServeArgs,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let app = App::build(&args).await?;
+    let background = CancellationToken::new();
+    let workers = crate::uploads::spawn_background(app.uploads.clone(), background.clone());
+
+    let service = tower::ServiceBuilder::new().map_request(http::method_override).service(app.router);
+    let service = TowerToHyperService::new(service);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Some(args.header_timeout))
+        .max_buf_size(MAX_HEADER_BUFFER)
+        .keep_alive(true);
+
+    tracing::info!(address = %listener.local_addr()?, "ferry is listening");
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let connection = builder.serve_connection(TokioIo::new(stream), service.clone());
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: no new connections; waiting for requests in flight");
+    background.cancel();
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("requests still running after the grace period were cut off"),
+    }
+    for worker in workers {
+        let _ = worker.await;
+    }
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! Local disk: bytes are written once, at their offset, into the file that object_store's
+//! `LocalFileSystem` reads back. object_store has no append, so appends use their own file code.
+//!
+//! Two requests may append to one upload at once (a client that resumed while its dropped
+//! request is still in flight, perhaps on another instance sharing the disk). Each append holds a
+//! writer generation handed out by the database; a small lock file beside the data records the
+//! newest generation. Every write takes an exclusive `flock` on that file, checks that its
+//! generation is still the newest and only then writes, so once a newer writer has registered,
+//! an older one can never write again and bytes never interleave.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Read, Seek, SeekFrom, Write},
+    ops::Range,
+    os::unix::fs::FileExt,
+    path::PathBuf,
+    sync::Arc,
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::{
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, WriteMultipart, local::LocalFileSystem, path::Path,
+};
+
+use super::{Appender, ByteStream, Download, Result, Store, StoreError, object_path};
+use crate::uploads::types::UploadId;
+
+pub struct LocalStore {
+    fs: Arc<LocalFileSystem>,
+    root: PathBuf,
+}
+
+impl LocalStore {
+    pub fn new(root: impl Into<PathBuf>) -> anyhow::Result<Self> {
+        let root = root.into();
+        std::fs::create_dir_all(root.join("uploads"))?;
+        let root = root.canonicalize()?;
+        let fs = LocalFileSystem::new_with_prefix(&root)?;
+        Ok(Self { fs: Arc::new(fs), root })
+    }
+
+    fn data_path(&self, id: UploadId) -> Result<PathBuf> {
+        Ok(self.fs.path_to_filesystem(&object_path(id))?)
+    }
+
+    fn lock_path(&self, id: UploadId) -> PathBuf {
+        self.root.join("uploads").join(format!("{id}.lock"))
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Other(format!("blocking task failed: {e}")))?
+        .map_err(StoreError::Io)
+}
+
+/// Reads the newest registered generation; call with the lock held.
+fn read_generation(lock: &File) -> io::Result<i64> {
+    let mut buf = [0u8; 8];
+    let mut file = lock;
+    file.seek(SeekFrom::Start(0))?;
+    match file.read_exact(&mut buf) {
+        Ok(()) => Ok(i64::from_le_bytes(buf)),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+#[async_trait]
+impl Store for LocalStore {
+    async fn create(&self, id: UploadId) -> Result<()> {
+        let data = self.data_path(id)?;
+        blocking(move || {
+            OpenOptions::new().write(true).create(true).truncate(false).open(&data)?.sync_all()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn append(&self, id: UploadId, offset: u64, generation: i64) -> Result<Box<dyn Appender>> {
+        let data_path = self.data_path(id)?;
+        let lock_path = self.lock_path(id);
+        let (data, lock) = blocking(move || {
+            let data = OpenOptions::new().write(true).create(true).truncate(false).open(&data_path)?;
+            let lock = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path)?;
+            lock.lock()?;
+            let registered = read_generation(&lock);
+            let result = match registered {
+                Ok(newest) if newest > generation => Ok(None),
+                Ok(_) => {
+                    let mut file = &lock;
+                    file.seek(SeekFrom::Start(0))?;
+                    file.write_all(&generation.to_le_bytes())?;
+                    Ok(Some((data, lock.try_clone()?)))
+                }
+                Err(e) => Err(e),
+            };
+            lock.unlock()?;
+            result
+        })
+        .await?
+        .ok_or(StoreError::Superseded)?;
+        Ok(Box::new(LocalAppender { data: Arc::new(data), lock: Arc::new(lock), generation, position: offset }))
+    }
+
+    async fn read(&self, id: UploadId, range: Option<Range<u64>>) -> Result<Download> {
+        let path = object_path(id);
+        let size = match self.fs.head(&path).await {
+            Ok(meta) => meta.size,
+            Err(object_store::Error::NotFound { .. }) => return Err(StoreError::NotFound),
+            Err(e) => return Err(e.into()),
+        };
+        let range = range.unwrap_or(0..size);
+        if range.is_empty() {
+            return Ok(Download { size, stream: futures_util::stream::empty().boxed() });
+        }
+        let options = GetOptions { range: Some(GetRange::Bounded(range)), ..Default::default() };
+        let result = self.fs.get_opts(&path, options).await?;
+        Ok(Download { size, stream: result.into_stream().map_err(StoreError::from).boxed() })
+    }
+
+    async fn write_stream(&self, id: UploadId, mut stream: ByteStream) -> Result<u64> {
+        let upload = self.fs.put_multipart(&object_path(id)).await?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, 8 << 20);
+        let mut written = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    writer.abort().await?;
+                    return Err(e);
+                }
+            };
+            writer.wait_for_capacity(2).await?;
+            written += chunk.len() as u64;
+            writer.put(chunk);
+        }
+        writer.finish().await?;
+        Ok(written)
+    }
+
+    async fn delete(&self, id: UploadId) -> Result<()> {
+        for path in [self.data_path(id)?, self.lock_path(id)] {
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    fn location(&self, id: UploadId) -> String {
+        self.data_path(id).map(|p| p.display().to_string()).unwrap_or_default()
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let path = Path::from("uploads");
+        self.fs.path_to_filesystem(&path)?;
+        tokio::fs::metadata(self.root.join("uploads")).await?;
+        Ok(())
+    }
+}
+
+struct LocalAppender {
+    data: Arc<File>,
+    lock: Arc<File>,
+    generation: i64,
+    position: u64,
+}
+
+#[async_trait]
+impl Appender for LocalAppender {
+    async fn write(&mut self, bytes: Bytes) -> Result<()> {
+        let (data, lock, generation, position) = (self.data.clone(), self.lock.clone(), self.generation, self.position);
+        let len = bytes.len() as u64;
+        let current = blocking(move || {
+            lock.lock()?;
+            let result = read_generation(&lock).and_then(|newest| {
+                if newest == generation {
+                    data.write_all_at(&bytes, position)?;
+                    Ok(true)
+                } else {
+                    Ok(false)
+                }
+            });
+            lock.unlock()?;
+            result
+        })
+        .await?;
+        if !current {
+            return Err(StoreError::Superseded);
+        }
+        self.position += len;
+        Ok(())
+    }
+
+    async fn finish(self: Box<Self>) -> Result<()> {
+        let data = self.data.clone();
+        blocking(move || data.sync_data()).await
+    }
+}

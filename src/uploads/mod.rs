@@ -1,0 +1,598 @@
+//! The domain: create, append, complete, terminate, expire. No HTTP or SQL types here.
+
+pub mod types;
+mod worker;
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{StreamExt, stream::BoxStream};
+use tokio::sync::Notify;
+
+use crate::{
+    repo::{AppendCommit, NewUpload, Repo, RepoError, UploadRow},
+    store::{Download, Store, StoreError},
+};
+use types::{
+    Checksum, ChecksumAlgorithm, ChecksumHasher, ChecksumPlan, Concat, FileHasher, Metadata, UploadId, UploadState,
+};
+
+pub use worker::spawn_background;
+
+/// Appends are written to the store in pieces of at most this size: the memory an append holds
+/// is bounded by it, whatever the size of the request body.
+pub const WRITE_BUFFER: usize = 256 * 1024;
+
+/// Terminated and expired uploads are remembered this long (to answer 410) before they are forgotten.
+pub const TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_size: u64,
+    pub expire_after: Duration,
+    pub idle_timeout: Duration,
+    pub sweep_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Gone(String),
+    #[error("Upload-Offset is {provided} but the upload is at offset {expected}")]
+    OffsetMismatch { expected: u64, provided: u64 },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the body does not match Upload-Checksum; the chunk was discarded")]
+    ChecksumMismatch,
+    #[error("the request body stalled for longer than {0:?}; the bytes received so far were kept")]
+    BodyTimeout(Duration),
+    #[error("the request body was cut off: {0}")]
+    BodyCutOff(String),
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<RepoError> for UploadError {
+    fn from(e: RepoError) -> Self {
+        Self::Internal(e.into())
+    }
+}
+
+impl From<StoreError> for UploadError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Superseded => superseded(),
+            other => Self::Internal(other.into()),
+        }
+    }
+}
+
+fn superseded() -> UploadError {
+    UploadError::Conflict("a newer request for this upload took over; check the offset with HEAD and resume".into())
+}
+
+pub type Result<T, E = UploadError> = std::result::Result<T, E>;
+
+/// What arrives in a request body, as the HTTP layer hands it down.
+pub enum BodyEvent {
+    Data(Bytes),
+    /// An `Upload-Checksum` sent as a trailer (checksum-trailer extension).
+    TrailerChecksum(Result<Checksum, String>),
+}
+
+pub type BodyStream = BoxStream<'static, std::result::Result<BodyEvent, String>>;
+
+/// What a client may ask for when creating an upload.
+#[derive(Debug, Clone)]
+pub enum CreateConcat {
+    None,
+    Partial,
+    Final(Vec<UploadId>),
+}
+
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    /// None defers the length (creation-defer-length); always None for final uploads.
+    pub length: Option<u64>,
+    pub metadata: Metadata,
+    pub concat: CreateConcat,
+    pub owner: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AppendRequest {
+    pub id: UploadId,
+    pub offset: u64,
+    /// `Upload-Length` sent with the append (declares a deferred length).
+    pub length: Option<u64>,
+    pub checksum: ChecksumPlan,
+    /// The body size when the client announced it.
+    pub content_length: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub offset: u64,
+    pub expires_at: Option<i64>,
+}
+
+/// An upload as clients see it.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub id: UploadId,
+    pub length: Option<u64>,
+    /// Bytes stored and readable. For final uploads, zero until assembled.
+    pub offset: u64,
+    pub metadata: Metadata,
+    pub state: UploadState,
+    pub concat: Concat,
+    pub sha256: Option<[u8; 32]>,
+    pub owner: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub expires_at: Option<i64>,
+}
+
+impl From<UploadRow> for Upload {
+    fn from(row: UploadRow) -> Self {
+        Self {
+            id: row.id,
+            length: row.length,
+            offset: row.offset,
+            metadata: row.metadata,
+            state: row.state,
+            concat: row.concat,
+            sha256: row.sha256,
+            owner: row.owner,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            expires_at: row.expires_at,
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// The upload service shared by all requests of one instance. Holds no upload state itself:
+/// everything lives in the repo and the store, so any instance can serve any request.
+#[derive(Clone)]
+pub struct Uploads {
+    repo: Arc<dyn Repo>,
+    store: Arc<dyn Store>,
+    settings: Settings,
+    /// Wakes this instance's completion worker early; other instances find the job by polling.
+    completion_wanted: Arc<Notify>,
+}
+
+impl Uploads {
+    pub fn new(repo: Arc<dyn Repo>, store: Arc<dyn Store>, settings: Settings) -> Self {
+        Self { repo, store, settings, completion_wanted: Arc::new(Notify::new()) }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn repo(&self) -> &Arc<dyn Repo> {
+        &self.repo
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn expiry(&self, now: i64) -> i64 {
+        now + self.settings.expire_after.as_millis() as i64
+    }
+
+    fn check_size(&self, length: u64) -> Result<()> {
+        if length > self.settings.max_size {
+            return Err(UploadError::TooLarge(format!(
+                "Upload-Length {length} is larger than the maximum of {} bytes (Tus-Max-Size)",
+                self.settings.max_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Loads an upload that still exists, mapping unknown and removed ones to 404 and 410.
+    async fn load(&self, id: UploadId) -> Result<UploadRow> {
+        match self.repo.get(id).await? {
+            None => Err(UploadError::NotFound("no upload with this id".into())),
+            Some(row) if row.state == UploadState::Terminated => {
+                Err(UploadError::Gone("this upload was terminated".into()))
+            }
+            Some(row) if row.state == UploadState::Expired => {
+                Err(UploadError::Gone("this upload expired before it was completed".into()))
+            }
+            Some(row) => Ok(row),
+        }
+    }
+
+    pub async fn get(&self, id: UploadId) -> Result<Upload> {
+        self.load(id).await.map(Upload::from)
+    }
+
+    pub async fn create(&self, request: CreateRequest) -> Result<Upload> {
+        let id = UploadId::new();
+        let now = now_ms();
+        let (length, state, concat, sha256) = match request.concat {
+            CreateConcat::Final(parts) => {
+                if request.length.is_some() {
+                    return Err(UploadError::Invalid(
+                        "a final upload (Upload-Concat: final) must not carry Upload-Length".into(),
+                    ));
+                }
+                let length = self.check_partials(&parts, request.owner.as_deref()).await?;
+                self.check_size(length)?;
+                // Concatenation reads every partial: a background job does it, never the request.
+                let state = if length == 0 { UploadState::Completed } else { UploadState::Completing };
+                (Some(length), state, Concat::Final(parts), (length == 0).then(empty_sha256))
+            }
+            other => {
+                if let Some(length) = request.length {
+                    self.check_size(length)?;
+                }
+                let concat = if matches!(other, CreateConcat::Partial) { Concat::Partial } else { Concat::None };
+                let done = request.length == Some(0);
+                let state = if done { UploadState::Completed } else { UploadState::Receiving };
+                (request.length, state, concat, done.then(empty_sha256))
+            }
+        };
+        let expires_at = (state == UploadState::Receiving).then(|| self.expiry(now));
+        if !matches!(concat, Concat::Final(_)) || length == Some(0) {
+            self.store.create(id).await?;
+        }
+        let new = NewUpload {
+            id,
+            length,
+            metadata: request.metadata,
+            state,
+            concat,
+            hash_state: FileHasher::new().save(),
+            sha256,
+            owner: request.owner,
+            now,
+            expires_at,
+        };
+        if let Err(e) = self.repo.insert(&new).await {
+            let _ = self.store.delete(id).await;
+            return Err(e.into());
+        }
+        if state == UploadState::Completing {
+            self.completion_wanted.notify_one();
+        }
+        tracing::info!(upload = %id, length = ?length, "upload created");
+        self.get(id).await
+    }
+
+    /// Checks the partial uploads named by a final upload and returns their total length.
+    async fn check_partials(&self, parts: &[UploadId], owner: Option<&str>) -> Result<u64> {
+        if parts.is_empty() {
+            return Err(UploadError::Invalid("Upload-Concat: final names no partial uploads".into()));
+        }
+        let mut total: u64 = 0;
+        for id in parts {
+            let row = match self.repo.get(*id).await? {
+                Some(row) if !row.state.is_gone() && row.owner.as_deref() == owner => row,
+                _ => return Err(UploadError::Invalid(format!("partial upload {id} does not exist"))),
+            };
+            if row.concat != Concat::Partial {
+                return Err(UploadError::Invalid(format!(
+                    "upload {id} is not a partial upload (create it with Upload-Concat: partial)"
+                )));
+            }
+            if row.state != UploadState::Completed {
+                return Err(UploadError::Invalid(format!(
+                    "partial upload {id} is not complete yet ({} of {} bytes)",
+                    row.offset,
+                    row.length.map_or("?".to_string(), |l| l.to_string())
+                )));
+            }
+            total = total.saturating_add(row.length.unwrap_or(0));
+        }
+        Ok(total)
+    }
+
+    /// Streams a request body into the store at the client's offset and commits the new offset
+    /// by compare-and-set. A body cut off mid-way keeps what arrived (unless a checksum was asked
+    /// for, which a partial body cannot satisfy).
+    pub async fn append(&self, request: AppendRequest, body: BodyStream) -> Result<Appended> {
+        // The append runs in a task of its own, so the bytes that arrived are stored and
+        // committed even if the connection (and the request future with it) goes away mid-body.
+        let uploads = self.clone();
+        tokio::spawn(async move { uploads.append_here(request, body).await })
+            .await
+            .map_err(|e| anyhow::anyhow!("append task failed: {e}"))?
+    }
+
+    async fn append_here(&self, request: AppendRequest, body: BodyStream) -> Result<Appended> {
+        let row = self.load(request.id).await?;
+        let length = self.check_appendable(&row, &request)?;
+        let remaining = length.unwrap_or(self.settings.max_size) - request.offset;
+        if let Some(content_length) = request.content_length
+            && content_length > remaining
+        {
+            return Err(UploadError::TooLarge(format!(
+                "the body is {content_length} bytes but only {remaining} remain before the upload's length"
+            )));
+        }
+
+        let now = now_ms();
+        let Some(lease) = self.repo.lease_append(request.id, request.offset, now, Some(self.expiry(now))).await? else {
+            // Something changed since we looked: answer from the current state.
+            let row = self.load(request.id).await?;
+            self.check_appendable(&row, &request)?;
+            return Err(superseded());
+        };
+        let hasher = FileHasher::restore(&lease.hash_state).map_err(|e| anyhow::anyhow!(e))?;
+        let appender = self.store.append(request.id, request.offset, lease.generation).await?;
+
+        let idle_timeout = self.settings.idle_timeout;
+        let received = receive(body, appender, hasher, request.checksum, remaining, idle_timeout).await?;
+
+        let to_offset = request.offset + received.bytes;
+        // A checksum vouches for a whole body: a cut-off or mismatching body is discarded.
+        if received.checksum_ok.is_some_and(|ok| !ok)
+            || (received.checksum_ok.is_some() && !matches!(received.ending, Ending::Complete))
+        {
+            return Err(match received.ending {
+                Ending::Complete => UploadError::ChecksumMismatch,
+                other => other.into_error(idle_timeout).unwrap_or(UploadError::ChecksumMismatch),
+            });
+        }
+        let completes = length == Some(to_offset);
+        let commit = AppendCommit {
+            id: request.id,
+            generation: lease.generation,
+            from_offset: request.offset,
+            to_offset,
+            hash_state: received.hasher.save(),
+            length: request.length,
+            sha256: completes.then(|| received.hasher.clone().finish()),
+            now: now_ms(),
+            expires_at: (!completes).then(|| self.expiry(now_ms())),
+        };
+        if !self.repo.commit_append(&commit).await? {
+            return Err(superseded());
+        }
+        if completes {
+            tracing::info!(upload = %request.id, length = to_offset, "upload completed");
+        }
+        if let Some(error) = received.ending.into_error(idle_timeout) {
+            return Err(error);
+        }
+        Ok(Appended { offset: to_offset, expires_at: commit.expires_at })
+    }
+
+    /// Checks that an upload accepts an append at the request's offset; returns its length
+    /// (the declared one for a deferred upload).
+    fn check_appendable(&self, row: &UploadRow, request: &AppendRequest) -> Result<Option<u64>> {
+        if matches!(row.concat, Concat::Final(_)) {
+            return Err(UploadError::Forbidden(
+                "a final upload is assembled from its partial uploads and cannot be appended to".into(),
+            ));
+        }
+        if row.offset != request.offset {
+            return Err(UploadError::OffsetMismatch { expected: row.offset, provided: request.offset });
+        }
+        if row.state != UploadState::Receiving {
+            return Err(UploadError::Invalid("the upload is already complete".into()));
+        }
+        match (row.length, request.length) {
+            (Some(known), Some(declared)) if known != declared => {
+                Err(UploadError::Invalid(format!("Upload-Length is already {known} and cannot change to {declared}")))
+            }
+            (Some(known), _) => Ok(Some(known)),
+            (None, Some(declared)) => {
+                self.check_size(declared)?;
+                if declared < row.offset {
+                    return Err(UploadError::Invalid(format!(
+                        "Upload-Length {declared} is smaller than the {} bytes already received",
+                        row.offset
+                    )));
+                }
+                Ok(Some(declared))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Terminates an upload and deletes its bytes.
+    pub async fn terminate(&self, id: UploadId) -> Result<()> {
+        self.load(id).await?;
+        if !self.repo.terminate(id, now_ms()).await? {
+            self.load(id).await?;
+            return Err(UploadError::Conflict(
+                "this partial upload is being concatenated into a final upload; try again when that is done".into(),
+            ));
+        }
+        tracing::info!(upload = %id, "upload terminated");
+        self.delete_bytes(id).await;
+        Ok(())
+    }
+
+    /// Deletes the bytes of a terminated or expired upload; on failure the sweeper retries.
+    async fn delete_bytes(&self, id: UploadId) {
+        match self.store.delete(id).await {
+            Ok(()) => {
+                if let Err(e) = self.repo.mark_bytes_deleted(id).await {
+                    tracing::warn!(upload = %id, error = %e, "could not record deleted bytes");
+                }
+            }
+            Err(e) => tracing::warn!(upload = %id, error = %e, "could not delete bytes; the sweeper will retry"),
+        }
+    }
+
+    /// Opens a completed upload for reading.
+    /// A completed upload; 409 for one still in progress.
+    pub async fn completed(&self, id: UploadId) -> Result<Upload> {
+        let row = self.load(id).await?;
+        if row.state != UploadState::Completed {
+            return Err(UploadError::Conflict(format!(
+                "the upload is not complete yet ({} of {} bytes received)",
+                row.offset,
+                row.length.map_or("?".to_string(), |l| l.to_string())
+            )));
+        }
+        Ok(row.into())
+    }
+
+    /// Reads a completed upload's bytes, or a range of them.
+    pub async fn download(&self, upload: &Upload, range: Option<std::ops::Range<u64>>) -> Result<Download> {
+        let id = upload.id;
+        self.store.read(id, range).await.map_err(|e| match e {
+            StoreError::NotFound => {
+                UploadError::Internal(anyhow::anyhow!("bytes of completed upload {id} are missing"))
+            }
+            other => other.into(),
+        })
+    }
+
+    /// One pass of the sweeper: expires idle incomplete uploads, deletes leftover bytes,
+    /// forgets old tombstones. Safe to run on several instances at once.
+    pub async fn sweep(&self) -> Result<()> {
+        let now = now_ms();
+        loop {
+            let expired = self.repo.expire_due(now, 100).await?;
+            for id in &expired {
+                tracing::info!(upload = %id, "upload expired");
+            }
+            if expired.len() < 100 {
+                break;
+            }
+        }
+        loop {
+            let pending = self.repo.pending_deletions(100).await?;
+            for id in &pending {
+                self.delete_bytes(*id).await;
+            }
+            if pending.len() < 100 {
+                break;
+            }
+        }
+        self.repo.purge_gone(now - TOMBSTONE_RETENTION.as_millis() as i64).await?;
+        Ok(())
+    }
+}
+
+fn empty_sha256() -> [u8; 32] {
+    FileHasher::new().finish()
+}
+
+/// How a body ended.
+enum Ending {
+    Complete,
+    TimedOut,
+    CutOff(String),
+}
+
+impl Ending {
+    fn into_error(self, idle_timeout: Duration) -> Option<UploadError> {
+        match self {
+            Ending::Complete => None,
+            Ending::TimedOut => Some(UploadError::BodyTimeout(idle_timeout)),
+            Ending::CutOff(reason) => Some(UploadError::BodyCutOff(reason)),
+        }
+    }
+}
+
+struct Received {
+    bytes: u64,
+    hasher: FileHasher,
+    /// None when no checksum was asked for; otherwise whether the body matched it.
+    checksum_ok: Option<bool>,
+    ending: Ending,
+}
+
+/// Reads a body through a bounded buffer into the store, hashing on the way.
+async fn receive(
+    mut body: BodyStream,
+    mut appender: Box<dyn crate::store::Appender>,
+    mut hasher: FileHasher,
+    plan: ChecksumPlan,
+    remaining: u64,
+    idle_timeout: Duration,
+) -> Result<Received> {
+    // With a trailer, the algorithm is only known after the body, so every supported one runs.
+    let mut chunk_hashers: Vec<ChecksumHasher> = match &plan {
+        ChecksumPlan::None => Vec::new(),
+        ChecksumPlan::Header(checksum) => vec![checksum.hasher()],
+        ChecksumPlan::Trailer => ChecksumAlgorithm::ALL.iter().map(|a| a.hasher()).collect(),
+    };
+    let mut expected = match &plan {
+        ChecksumPlan::Header(checksum) => Some(checksum.clone()),
+        _ => None,
+    };
+    let mut buffer = BytesMut::with_capacity(WRITE_BUFFER);
+    let mut bytes: u64 = 0;
+    let ending = loop {
+        let event = match tokio::time::timeout(idle_timeout, body.next()).await {
+            Err(_) => break Ending::TimedOut,
+            Ok(None) => break Ending::Complete,
+            Ok(Some(Err(reason))) => break Ending::CutOff(reason),
+            Ok(Some(Ok(event))) => event,
+        };
+        let mut data = match event {
+            BodyEvent::Data(data) => data,
+            BodyEvent::TrailerChecksum(parsed) => {
+                match plan {
+                    ChecksumPlan::Trailer => expected = Some(parsed.map_err(UploadError::Invalid)?),
+                    ChecksumPlan::None => {
+                        return Err(UploadError::Invalid(
+                            "an Upload-Checksum trailer must be announced with 'Trailer: Upload-Checksum'".into(),
+                        ));
+                    }
+                    ChecksumPlan::Header(_) => {}
+                }
+                continue;
+            }
+        };
+        if bytes + data.len() as u64 > remaining {
+            return Err(UploadError::TooLarge(format!(
+                "the body is longer than the {remaining} bytes that remain before the upload's length; nothing was kept"
+            )));
+        }
+        bytes += data.len() as u64;
+        hasher.update(&data);
+        for h in chunk_hashers.iter_mut() {
+            h.update(&data);
+        }
+        while !data.is_empty() {
+            let take = (WRITE_BUFFER - buffer.len()).min(data.len());
+            buffer.extend_from_slice(&data.split_to(take));
+            if buffer.len() == WRITE_BUFFER {
+                appender.write(buffer.split().freeze()).await?;
+            }
+        }
+    };
+    if !buffer.is_empty() {
+        appender.write(buffer.freeze()).await?;
+    }
+    appender.finish().await?;
+    let checksum_ok = match (&plan, expected) {
+        (ChecksumPlan::None, _) => None,
+        // An announced trailer that never came cannot vouch for the bytes.
+        (_, None) => Some(false),
+        (_, Some(expected)) => Some(
+            chunk_hashers
+                .into_iter()
+                .find(|h| h.algorithm() == expected.algorithm)
+                .is_some_and(|h| h.finish() == expected.digest),
+        ),
+    };
+    Ok(Received { bytes, hasher, checksum_ok, ending })
+}

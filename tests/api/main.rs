@@ -1,0 +1,15 @@
+//! The HTTP API end to end, against real servers on port 0. Every test runs twice: on SQLite
+//! and on PostgreSQL (`FERRY_TEST_POSTGRES`, default postgres://postgres@127.0.0.1:5432/postgres).
+
+mod helpers;
+
+mod clients;
+mod concurrency;
+mod creation;
+mod download;
+mod expiration;
+mod limits;
+mod openapi;
+mod patch;
+mod termination;
+mod validation;

@@ -1,0 +1,615 @@
+//! `openapi/openapi.yaml` against the running server. A scenario of real requests walks every
+//! documented operation through its success and error paths; each exchange must be documented
+//! (path, method, status, the tus request and response headers, media type), and every documented
+//! operation must have been exercised, so the document can neither miss nor invent behaviour.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use reqwest::{Method, RequestBuilder, Response};
+use serde_json::Value;
+use sha1::{Digest, Sha1};
+
+use crate::helpers::{Backend, TestApp, header, sha256_b64};
+
+const DOCUMENT: &str = include_str!("../../openapi/openapi.yaml");
+
+const METHODS: &[&str] = &["get", "put", "post", "delete", "options", "head", "patch", "trace"];
+
+/// Statuses the scenario must have seen, so that it cannot silently stop covering error paths.
+const REQUIRED_STATUSES: &[u16] = &[200, 201, 204, 206, 304, 400, 403, 404, 409, 410, 412, 413, 415, 416, 460];
+
+/// Response headers that belong to the API contract and must be documented when sent.
+fn contract_response_header(name: &str) -> bool {
+    name.starts_with("tus-")
+        || name.starts_with("upload-")
+        || matches!(
+            name,
+            "location" | "repr-digest" | "etag" | "content-range" | "content-disposition" | "cache-control"
+        )
+}
+
+/// Request headers that are API parameters and must be documented when the scenario sends them.
+fn contract_request_header(name: &str) -> bool {
+    name.starts_with("tus-")
+        || name.starts_with("upload-")
+        || matches!(name, "x-http-method-override" | "range" | "if-range" | "if-none-match" | "trailer")
+}
+
+/// The parsed document, with `$ref` resolution.
+struct Spec {
+    doc: Value,
+}
+
+impl Spec {
+    fn load() -> Self {
+        let doc: Value = serde_norway::from_str(DOCUMENT).expect("openapi/openapi.yaml is valid YAML");
+        Self { doc }
+    }
+
+    /// Follows `$ref`s (local JSON pointers only) until a concrete object.
+    fn resolve<'a>(&'a self, mut value: &'a Value) -> &'a Value {
+        for _ in 0..16 {
+            let Some(reference) = value.get("$ref").and_then(Value::as_str) else {
+                return value;
+            };
+            let pointer = reference
+                .strip_prefix('#')
+                .unwrap_or_else(|| panic!("only local references are used, got {reference}"));
+            value = self.doc.pointer(pointer).unwrap_or_else(|| panic!("{reference} does not resolve"));
+        }
+        panic!("reference cycle")
+    }
+
+    fn paths(&self) -> &serde_json::Map<String, Value> {
+        self.doc["paths"].as_object().expect("paths is a map")
+    }
+
+    /// Every `(path template, method)` the document describes.
+    fn operations(&self) -> BTreeSet<(String, String)> {
+        let mut operations = BTreeSet::new();
+        for (template, item) in self.paths() {
+            let item = self.resolve(item);
+            for method in METHODS {
+                if item.get(*method).is_some() {
+                    operations.insert((template.clone(), method.to_string()));
+                }
+            }
+        }
+        operations
+    }
+
+    /// The documented path template a concrete path falls under (literal paths win).
+    fn template_for(&self, path: &str) -> Option<String> {
+        let segments: Vec<&str> = path.split('/').collect();
+        let mut best: Option<(usize, &String)> = None;
+        for template in self.paths().keys() {
+            let parts: Vec<&str> = template.split('/').collect();
+            if parts.len() != segments.len() {
+                continue;
+            }
+            let mut params = 0;
+            let fits = parts.iter().zip(&segments).all(|(part, segment)| {
+                if part.starts_with('{') && part.ends_with('}') {
+                    params += 1;
+                    !segment.is_empty()
+                } else {
+                    part == segment
+                }
+            });
+            if fits && best.is_none_or(|(p, _)| params < p) {
+                best = Some((params, template));
+            }
+        }
+        best.map(|(_, template)| template.clone())
+    }
+
+    fn operation(&self, template: &str, method: &str) -> Option<&Value> {
+        self.resolve(self.paths().get(template)?).get(method)
+    }
+
+    /// Path-level and operation-level parameters, resolved.
+    fn parameters(&self, template: &str, method: &str) -> Vec<&Value> {
+        let item = self.resolve(&self.paths()[template]);
+        let shared = item.get("parameters").and_then(Value::as_array).into_iter().flatten();
+        let own = item[method].get("parameters").and_then(Value::as_array).into_iter().flatten();
+        shared.chain(own).map(|p| self.resolve(p)).collect()
+    }
+
+    fn response(&self, template: &str, method: &str, status: u16) -> Option<&Value> {
+        let responses = self.operation(template, method)?.get("responses")?;
+        let exact = responses.get(status.to_string());
+        let range = responses.get(format!("{}XX", status / 100));
+        exact.or(range).map(|r| self.resolve(r))
+    }
+
+    /// A response's documented headers, by lower-case name, resolved.
+    fn response_headers<'a>(&'a self, response: &'a Value) -> BTreeMap<String, &'a Value> {
+        response
+            .get("headers")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+            .map(|(name, header)| (name.to_ascii_lowercase(), self.resolve(header)))
+            .collect()
+    }
+
+    /// Checks a header value against the simple schema features the document uses.
+    fn check_value(&self, schema: &Value, value: &str) -> Result<(), String> {
+        let schema = self.resolve(schema);
+        if let Some(expected) = schema.get("const").and_then(Value::as_str)
+            && value != expected
+        {
+            return Err(format!("'{value}' is not the documented constant '{expected}'"));
+        }
+        if schema.get("type").and_then(Value::as_str) == Some("integer") {
+            let number: u64 = value.parse().map_err(|_| format!("'{value}' is not a non-negative integer"))?;
+            if let Some(max) = schema.get("maximum").and_then(Value::as_u64)
+                && number > max
+            {
+                return Err(format!("{number} exceeds the documented maximum {max}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sends the scenario's requests and checks every exchange against the document.
+struct Checker {
+    spec: Spec,
+    exercised: BTreeSet<(String, String)>,
+    statuses: BTreeSet<u16>,
+    problems: Vec<String>,
+    exchanges: usize,
+}
+
+impl Checker {
+    fn new(spec: Spec) -> Self {
+        Self { spec, exercised: BTreeSet::new(), statuses: BTreeSet::new(), problems: Vec::new(), exchanges: 0 }
+    }
+
+    /// Sends a request, asserts the status the scenario expects, and checks the exchange
+    /// against the document.
+    async fn send(&mut self, request: RequestBuilder, expected: u16) -> Response {
+        let (client, request) = request.build_split();
+        let request = request.expect("request builds");
+        // The server routes by the override when there is one, so the document must too.
+        let method = match request.headers().get("x-http-method-override") {
+            Some(value) => value.to_str().unwrap().trim().to_ascii_lowercase(),
+            None => request.method().as_str().to_ascii_lowercase(),
+        };
+        let path = request.url().path().to_string();
+        let label = format!("{} {path}", method.to_ascii_uppercase());
+        let request_headers: Vec<String> = request.headers().keys().map(|k| k.as_str().to_string()).collect();
+        let response = client.execute(request).await.unwrap_or_else(|e| panic!("{label}: {e}"));
+        let status = response.status().as_u16();
+        assert_eq!(status, expected, "{label}: unexpected status; headers {:?}", response.headers());
+        self.exchanges += 1;
+        self.statuses.insert(status);
+        self.check(&label, &path, &method, &request_headers, &response);
+        response
+    }
+
+    fn problem(&mut self, message: String) {
+        self.problems.push(message);
+    }
+
+    fn check(&mut self, label: &str, path: &str, method: &str, request_headers: &[String], response: &Response) {
+        let status = response.status().as_u16();
+        let Some(template) = self.spec.template_for(path) else {
+            return self.problem(format!("{label}: the path is not documented"));
+        };
+        if self.spec.operation(&template, method).is_none() {
+            return self.problem(format!("{label}: {method} is not documented for {template}"));
+        }
+        self.exercised.insert((template.clone(), method.to_string()));
+
+        let mut problems = Vec::new();
+        let parameters: BTreeSet<String> = self
+            .spec
+            .parameters(&template, method)
+            .into_iter()
+            .filter(|p| p["in"] == "header")
+            .filter_map(|p| p["name"].as_str())
+            .map(str::to_ascii_lowercase)
+            .collect();
+        for name in request_headers.iter().filter(|n| contract_request_header(n)) {
+            if !parameters.contains(name) {
+                problems.push(format!("{label}: request header {name} is not a documented parameter"));
+            }
+        }
+
+        let Some(documented) = self.spec.response(&template, method, status) else {
+            self.problem(format!("{label}: status {status} is not documented for {method} {template}"));
+            self.problems.extend(problems);
+            return;
+        };
+        let headers = self.spec.response_headers(documented);
+        for (name, value) in response.headers() {
+            let name = name.as_str();
+            if !contract_response_header(name) {
+                continue;
+            }
+            let value = value.to_str().unwrap_or("<not ASCII>");
+            match headers.get(name) {
+                None => problems.push(format!("{label} -> {status}: header {name} is not documented")),
+                Some(header) => {
+                    if let Some(schema) = header.get("schema")
+                        && let Err(e) = self.spec.check_value(schema, value)
+                    {
+                        problems.push(format!("{label} -> {status}: header {name}: {e}"));
+                    }
+                }
+            }
+        }
+        for (name, header) in &headers {
+            if header["required"] == true && !response.headers().contains_key(name.as_str()) {
+                problems.push(format!("{label} -> {status}: required header {name} is missing"));
+            }
+        }
+
+        let content = documented.get("content").and_then(Value::as_object);
+        if let Some(content_type) = response.headers().get("content-type") {
+            let essence = content_type.to_str().unwrap().split(';').next().unwrap().trim().to_ascii_lowercase();
+            let listed = content.is_some_and(|types| {
+                types.keys().any(|t| {
+                    let t = t.to_ascii_lowercase();
+                    t == essence
+                        || t == "*/*"
+                        || t.strip_suffix("/*").is_some_and(|major| essence.starts_with(&format!("{major}/")))
+                })
+            });
+            if !listed {
+                problems.push(format!("{label} -> {status}: media type {essence} is not documented"));
+            }
+        }
+        self.problems.extend(problems);
+    }
+}
+
+/// Structural rules of the document itself.
+fn check_document(spec: &Spec) {
+    let version = spec.doc["openapi"].as_str().expect("openapi is a string");
+    assert!(version.starts_with("3.1."), "openapi must be 3.1.x, is {version}");
+    for key in ["title", "version", "description"] {
+        assert!(spec.doc["info"][key].as_str().is_some_and(|s| !s.is_empty()), "info.{key} is missing");
+    }
+    let description = spec.doc["info"]["description"].as_str().unwrap();
+    for extension in [
+        "creation",
+        "creation-with-upload",
+        "creation-defer-length",
+        "termination",
+        "checksum",
+        "checksum-trailer",
+        "expiration",
+        "concatenation",
+    ] {
+        assert!(description.contains(&format!("`{extension}`")), "info.description does not explain {extension}");
+    }
+
+    // Every reference resolves.
+    fn walk<'a>(value: &'a Value, refs: &mut Vec<&'a str>) {
+        match value {
+            Value::Object(map) => {
+                if let Some(Value::String(r)) = map.get("$ref") {
+                    refs.push(r);
+                }
+                map.values().for_each(|v| walk(v, refs));
+            }
+            Value::Array(items) => items.iter().for_each(|v| walk(v, refs)),
+            _ => {}
+        }
+    }
+    let mut refs = Vec::new();
+    walk(&spec.doc, &mut refs);
+    for r in refs {
+        let pointer = r.strip_prefix('#').unwrap_or_else(|| panic!("non-local reference {r}"));
+        assert!(spec.doc.pointer(pointer).is_some(), "{r} does not resolve");
+    }
+
+    // Headers and parameters are reusable components with descriptions; operation ids are unique.
+    for kind in ["headers", "parameters"] {
+        let components = spec.doc["components"][kind].as_object().unwrap_or_else(|| panic!("no components/{kind}"));
+        for (name, component) in components {
+            assert!(
+                component["description"].as_str().is_some_and(|d| d.len() > 10),
+                "components/{kind}/{name} needs a description"
+            );
+        }
+    }
+    let mut ids = BTreeSet::new();
+    for (template, method) in spec.operations() {
+        let operation = spec.operation(&template, &method).unwrap();
+        let id = operation["operationId"].as_str().unwrap_or_else(|| panic!("{method} {template}: no operationId"));
+        assert!(ids.insert(id.to_string()), "operationId {id} is used twice");
+        let item = &spec.paths()[&template];
+        let params = item.get("parameters").into_iter().chain(operation.get("parameters"));
+        for param in params.filter_map(Value::as_array).flatten() {
+            assert!(
+                param["$ref"].as_str().is_some_and(|r| r.starts_with("#/components/parameters/")),
+                "{method} {template}: parameters must be references to components/parameters"
+            );
+        }
+        for (status, response) in operation["responses"].as_object().expect("responses") {
+            for (name, header) in spec.resolve(response).get("headers").and_then(Value::as_object).into_iter().flatten()
+            {
+                assert!(
+                    header["$ref"].as_str().is_some_and(|r| r.starts_with("#/components/headers/")),
+                    "{method} {template} {status}: header {name} must be a reference to components/headers"
+                );
+            }
+        }
+        // Every path parameter of the template is declared.
+        for segment in template.split('/').filter(|s| s.starts_with('{')) {
+            let name = segment.trim_matches(['{', '}']);
+            assert!(
+                spec.parameters(&template, &method).iter().any(|p| p["in"] == "path" && p["name"] == name),
+                "{method} {template}: path parameter {name} is not declared"
+            );
+        }
+    }
+    assert_eq!(
+        spec.doc["components"]["schemas"]["UploadId"]["pattern"], "^[0-9a-f]{32}$",
+        "ids are 32 lowercase hex characters"
+    );
+}
+
+fn is_upload_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn sha1_b64(data: &[u8]) -> String {
+    STANDARD.encode(Sha1::digest(data))
+}
+
+fn b64(text: &str) -> String {
+    STANDARD.encode(text)
+}
+
+fn has(response: &Response, name: &str) -> bool {
+    response.headers().contains_key(name)
+}
+
+const OCTETS: &str = "application/offset+octet-stream";
+
+async fn document_matches_server(backend: Backend) {
+    let spec = Spec::load();
+    check_document(&spec);
+    let app = TestApp::spawn(backend).await;
+    let mut c = Checker::new(spec);
+    let files = app.files.clone();
+    let unknown = format!("{files}{}", uuid::Uuid::new_v4().simple());
+
+    // The web page and the health check.
+    let page = c.send(app.client.get(format!("{}/", app.base)), 200).await;
+    assert!(header(&page, "content-type").starts_with("text/html"));
+    let health = c.send(app.client.get(format!("{}/healthz", app.base)), 200).await;
+    assert_eq!(health.text().await.unwrap(), "ok\n");
+
+    // Capabilities, on the collection and on an upload URL.
+    let options = c.send(app.client.request(Method::OPTIONS, &files), 204).await;
+    assert_eq!(header(&options, "tus-version"), "1.0.0");
+    assert_eq!(header(&options, "tus-resumable"), "1.0.0");
+    c.send(app.client.request(Method::OPTIONS, &unknown).header("Tus-Resumable", "0.2.2"), 204).await;
+
+    // Versions.
+    let refused = c.send(app.client.post(&files).header("Upload-Length", "1"), 412).await;
+    assert_eq!(header(&refused, "tus-version"), "1.0.0");
+    c.send(app.client.post(&files).header("Tus-Resumable", "0.2.2").header("Upload-Length", "1"), 412).await;
+
+    // Creation refused.
+    c.send(app.tus(Method::POST, &files), 400).await;
+    c.send(app.tus(Method::POST, &files).header("Upload-Defer-Length", "2"), 400).await;
+    c.send(app.tus(Method::POST, &files).header("Upload-Length", "5").header("Upload-Defer-Length", "1"), 400).await;
+    c.send(app.tus(Method::POST, &files).header("Upload-Length", "5").header("Upload-Metadata", "a !!!"), 400).await;
+    c.send(app.tus(Method::POST, &files).header("Upload-Length", "5").header("Upload-Checksum", "crc32 AAAA"), 400)
+        .await;
+    c.send(app.tus(Method::POST, &files).header("Upload-Concat", format!("final;{unknown}")), 400).await;
+    c.send(app.tus(Method::POST, &files).header("Upload-Length", "1000000000000000"), 413).await;
+    let too_long = app.tus(Method::POST, &files).header("Upload-Length", "2").header("Content-Type", OCTETS);
+    let too_long = c.send(too_long.body("hello"), 413).await;
+    assert!(!has(&too_long, "location"), "nothing is created for a body longer than Upload-Length");
+    // Without Content-Length the excess shows only while reading: the upload exists by then.
+    let chunks = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"hello world"))]);
+    let streamed = app.tus(Method::POST, &files).header("Upload-Length", "5").header("Content-Type", OCTETS);
+    let streamed = c.send(streamed.body(reqwest::Body::wrap_stream(chunks)), 413).await;
+    assert_eq!(header(&streamed, "upload-offset"), "0");
+    assert_eq!(app.offset(&header(&streamed, "location")).await, 0);
+    let wrong_type = app.tus(Method::POST, &files).header("Upload-Length", "5").header("Content-Type", "text/plain");
+    c.send(wrong_type.body("hello"), 415).await;
+
+    // An upload in two appends, the second through X-HTTP-Method-Override.
+    let data = b"hello world";
+    let metadata = format!("filename {},filetype {},flag", b64("hello.txt"), b64("text/plain"));
+    let created = app.tus(Method::POST, &files).header("Upload-Length", "11").header("Upload-Metadata", &metadata);
+    let created = c.send(created, 201).await;
+    let url = header(&created, "location");
+    assert!(url.starts_with(&files) && is_upload_id(&url[files.len()..]), "Location {url}");
+    assert_eq!(header(&created, "upload-offset"), "0");
+    assert!(has(&created, "upload-expires"));
+
+    let status = c.send(app.tus(Method::HEAD, &url), 200).await;
+    assert_eq!(header(&status, "upload-offset"), "0");
+    assert_eq!(header(&status, "upload-length"), "11");
+    assert_eq!(header(&status, "upload-metadata"), metadata);
+    assert_eq!(header(&status, "cache-control"), "no-store");
+    // A HEAD without Tus-Resumable is answered (so `curl -I` works); a wrong version is not.
+    c.send(app.client.head(&url), 200).await;
+    c.send(app.client.head(&url).header("Tus-Resumable", "0.2.2"), 412).await;
+    c.send(app.client.get(&url), 409).await;
+
+    let patch = |offset: &str| app.tus(Method::PATCH, &url).header("Upload-Offset", offset);
+    c.send(patch("0").body("hello "), 415).await;
+    c.send(app.tus(Method::PATCH, &url).header("Content-Type", OCTETS).body("hello "), 400).await;
+    let mismatch = c.send(patch("3").header("Content-Type", OCTETS).body("hello "), 409).await;
+    assert_eq!(header(&mismatch, "upload-offset"), "0");
+    let bad_sum =
+        patch("0").header("Content-Type", OCTETS).header("Upload-Checksum", format!("sha1 {}", sha1_b64(b"HELLO ")));
+    c.send(bad_sum.body("hello "), 460).await;
+    let unknown_sum = patch("0").header("Content-Type", OCTETS).header("Upload-Checksum", "crc32 AAAA");
+    c.send(unknown_sum.body("hello "), 400).await;
+    c.send(patch("0").header("Content-Type", OCTETS).body("hello world!"), 413).await;
+    let unversioned = app.client.patch(&url).header("Upload-Offset", "0").header("Content-Type", OCTETS);
+    c.send(unversioned.body("hello "), 412).await;
+    assert_eq!(app.offset(&url).await, 0, "refused appends store nothing");
+
+    let good_sum =
+        patch("0").header("Content-Type", OCTETS).header("Upload-Checksum", format!("sha1 {}", sha1_b64(b"hello ")));
+    let first = c.send(good_sum.body("hello "), 204).await;
+    assert_eq!(header(&first, "upload-offset"), "6");
+    assert!(has(&first, "upload-expires"));
+    let overridden = app
+        .tus(Method::POST, &url)
+        .header("X-HTTP-Method-Override", "PATCH")
+        .header("Upload-Offset", "6")
+        .header("Content-Type", OCTETS)
+        .body("world");
+    let last = c.send(overridden, 204).await;
+    assert_eq!(header(&last, "upload-offset"), "11");
+    assert!(!has(&last, "upload-expires"), "complete uploads do not expire");
+    c.send(patch("11").header("Content-Type", OCTETS).body(""), 400).await;
+
+    let digest = format!("sha-256=:{}:", sha256_b64(data));
+    let status = c.send(app.tus(Method::HEAD, &url), 200).await;
+    assert_eq!(header(&status, "upload-offset"), "11");
+    assert_eq!(header(&status, "repr-digest"), digest);
+
+    // Downloads.
+    let whole = c.send(app.client.get(&url), 200).await;
+    assert_eq!(header(&whole, "content-type"), "text/plain");
+    assert!(header(&whole, "content-disposition").starts_with("inline; filename=\"hello.txt\""));
+    assert_eq!(header(&whole, "repr-digest"), digest);
+    let etag = header(&whole, "etag");
+    assert_eq!(whole.bytes().await.unwrap().as_ref(), data);
+    let part = c.send(app.client.get(&url).header("Range", "bytes=0-4"), 206).await;
+    assert_eq!(header(&part, "content-range"), "bytes 0-4/11");
+    assert_eq!(part.text().await.unwrap(), "hello");
+    let rest = app.client.get(&url).header("Range", "bytes=6-").header("If-Range", &etag);
+    assert_eq!(c.send(rest, 206).await.text().await.unwrap(), "world");
+    let fresh = c.send(app.client.get(&url).header("If-None-Match", &etag), 304).await;
+    assert_eq!(header(&fresh, "etag"), etag);
+    let outside = c.send(app.client.get(&url).header("Range", "bytes=11-"), 416).await;
+    assert_eq!(header(&outside, "content-range"), "bytes */11");
+
+    // creation-with-upload, including a first body refused by its checksum.
+    let with_body = app.tus(Method::POST, &files).header("Upload-Length", "5").header("Content-Type", OCTETS);
+    let with_body = c.send(with_body.body("abcde"), 201).await;
+    assert_eq!(header(&with_body, "upload-offset"), "5");
+    let refused = app
+        .tus(Method::POST, &files)
+        .header("Upload-Length", "10")
+        .header("Content-Type", OCTETS)
+        .header("Upload-Checksum", format!("sha1 {}", sha1_b64(b"other")));
+    let refused = c.send(refused.body("abcde"), 460).await;
+    assert_eq!(header(&refused, "upload-offset"), "0");
+    let kept = header(&refused, "location");
+    assert_eq!(app.offset(&kept).await, 0);
+
+    // An empty upload is complete at once.
+    let empty = c.send(app.tus(Method::POST, &files).header("Upload-Length", "0"), 201).await;
+    assert!(!has(&empty, "upload-expires"));
+    let empty_url = header(&empty, "location");
+    let empty_get = c.send(app.client.get(&empty_url), 200).await;
+    assert_eq!(header(&empty_get, "repr-digest"), format!("sha-256=:{}:", sha256_b64(b"")));
+
+    // creation-defer-length.
+    let deferred = c.send(app.tus(Method::POST, &files).header("Upload-Defer-Length", "1"), 201).await;
+    let deferred = header(&deferred, "location");
+    let status = c.send(app.tus(Method::HEAD, &deferred), 200).await;
+    assert_eq!(header(&status, "upload-defer-length"), "1");
+    assert!(!has(&status, "upload-length"));
+    let declare = app
+        .tus(Method::PATCH, &deferred)
+        .header("Upload-Offset", "0")
+        .header("Upload-Length", "3")
+        .header("Content-Type", OCTETS);
+    c.send(declare.body("abc"), 204).await;
+    let status = c.send(app.tus(Method::HEAD, &deferred), 200).await;
+    assert_eq!(header(&status, "upload-length"), "3");
+
+    // Concatenation.
+    let partial = |length: &str| {
+        app.tus(Method::POST, &files).header("Upload-Concat", "partial").header("Upload-Length", length.to_string())
+    };
+    let first = c.send(partial("3").header("Content-Type", OCTETS).body("foo"), 201).await;
+    let first = header(&first, "location");
+    let second = header(&c.send(partial("3"), 201).await, "location");
+    let append = app.tus(Method::PATCH, &second).header("Upload-Offset", "0").header("Content-Type", OCTETS);
+    c.send(append.body("bar"), 204).await;
+    let status = c.send(app.tus(Method::HEAD, &second), 200).await;
+    assert_eq!(header(&status, "upload-concat"), "partial");
+    let unfinished = header(&c.send(partial("3"), 201).await, "location");
+    let final_of = |parts: String| app.tus(Method::POST, &files).header("Upload-Concat", format!("final;{parts}"));
+    c.send(final_of(format!("{first} {unfinished}")), 400).await;
+    c.send(final_of(format!("{first} {second}")).header("Upload-Length", "6"), 400).await;
+    let second_path = &second[app.base.len()..];
+    let joined = c.send(final_of(format!("{first} {second_path}")), 201).await;
+    let joined = header(&joined, "location");
+    let status = c.send(app.tus(Method::HEAD, &joined), 200).await;
+    let first_path = &first[app.base.len()..];
+    assert_eq!(header(&status, "upload-concat"), format!("final;{first_path} {second_path}"));
+    assert_eq!(header(&status, "upload-length"), "6");
+    let forbidden = app.tus(Method::PATCH, &joined).header("Upload-Offset", "0").header("Content-Type", OCTETS);
+    c.send(forbidden.body("x"), 403).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        // 409 while the final upload is being assembled, then 200.
+        let done = app.client.get(&joined).send().await.unwrap().status() == 200;
+        if done {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the final upload was never assembled");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let assembled = c.send(app.client.get(&joined), 200).await;
+    assert_eq!(assembled.text().await.unwrap(), "foobar");
+    let status = c.send(app.tus(Method::HEAD, &joined), 200).await;
+    assert_eq!(header(&status, "upload-offset"), "6");
+
+    // Termination.
+    let doomed = app.create(10).await;
+    c.send(app.client.delete(&doomed), 412).await;
+    c.send(app.tus(Method::DELETE, &doomed), 204).await;
+    c.send(app.tus(Method::HEAD, &doomed), 410).await;
+    let late = app.tus(Method::PATCH, &doomed).header("Upload-Offset", "0").header("Content-Type", OCTETS);
+    c.send(late.body("x"), 410).await;
+    c.send(app.client.get(&doomed), 410).await;
+    c.send(app.tus(Method::DELETE, &doomed), 410).await;
+    let by_override = app.tus(Method::POST, &unfinished).header("X-HTTP-Method-Override", "DELETE");
+    c.send(by_override, 204).await;
+
+    // Unknown and malformed ids.
+    c.send(app.tus(Method::HEAD, &unknown), 404).await;
+    let stray = app.tus(Method::PATCH, &unknown).header("Upload-Offset", "0").header("Content-Type", OCTETS);
+    c.send(stray.body("x"), 404).await;
+    c.send(app.tus(Method::DELETE, &unknown), 404).await;
+    c.send(app.client.get(&unknown), 404).await;
+    let malformed = format!("{files}NOT-AN-ID");
+    c.send(app.tus(Method::HEAD, &malformed), 404).await;
+    c.send(app.client.get(&malformed), 404).await;
+
+    // A CORS preflight, answered before the tus handlers.
+    let browser = TestApp::spawn_with(backend, |args| args.cors_origin = vec!["https://app.example".into()]).await;
+    let preflight = browser
+        .client
+        .request(Method::OPTIONS, &browser.files)
+        .header("Origin", "https://app.example")
+        .header("Access-Control-Request-Method", "PATCH");
+    let preflight = c.send(preflight, 200).await;
+    assert_eq!(header(&preflight, "access-control-allow-origin"), "https://app.example");
+
+    let Checker { spec, exercised, statuses, problems, exchanges } = c;
+    assert!(
+        problems.is_empty(),
+        "{} of {exchanges} exchanges disagree with the document:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+    let missing: Vec<_> = spec.operations().difference(&exercised).cloned().collect();
+    assert!(missing.is_empty(), "documented operations the scenario never exercised: {missing:?}");
+    let unseen: Vec<_> = REQUIRED_STATUSES.iter().filter(|s| !statuses.contains(s)).collect();
+    assert!(unseen.is_empty(), "statuses the scenario never produced: {unseen:?}");
+}
+
+crate::backend_tests!(document_matches_server);

@@ -20,7 +20,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the upload service (what a bare `ferry` does).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply database migrations and exit (`serve` applies them at start too).
     Migrate(DatabaseArgs),
 }
@@ -61,6 +61,16 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_STORE")]
     pub store: Option<String>,
 
+    /// Part size for object stores (`s3://`, `gs://`, `az://`): appends are cut into parts of
+    /// exactly this size (raised per upload when needed to stay within 10,000 parts; at least 5 MiB).
+    #[arg(long, env = "FERRY_PART_SIZE", default_value = "8MiB", value_parser = parse_size)]
+    pub part_size: u64,
+
+    /// How completed uploads are downloaded: `stream` (through ferry) or `redirect` (a 302 to a
+    /// short-lived presigned URL of the object store, where the store supports it).
+    #[arg(long, env = "FERRY_DOWNLOAD", value_enum, default_value_t = DownloadMode::Stream)]
+    pub download: DownloadMode,
+
     /// URL path under which the tus endpoint lives; uploads are `<base-path><id>`.
     #[arg(long, env = "FERRY_BASE_PATH", default_value = "/files/", value_parser = parse_base_path)]
     pub base_path: String,
@@ -89,9 +99,19 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
+    /// Serve `/metrics` (Prometheus) on this address instead of on the main listener.
+    #[arg(long, env = "FERRY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// How often the background sweeper looks for expired uploads and leftover bytes.
     #[arg(long, env = "FERRY_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DownloadMode {
+    Stream,
+    Redirect,
 }
 
 impl ServeArgs {

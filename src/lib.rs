@@ -8,6 +8,7 @@ pub mod http;
 pub mod repo;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod uploads;
 
 pub use server::{App, launch};

@@ -16,7 +16,8 @@ use crate::{
     config::ServeArgs,
     http::{self, AppState},
     repo::{self, Repo},
-    store::{self, Store},
+    store::{self, Instrumented, ObjectStoreOptions, Store},
+    telemetry::Metrics,
     uploads::{Settings, Uploads},
 };
 
@@ -30,22 +31,29 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
 pub struct App {
     pub uploads: Uploads,
     pub router: axum::Router,
+    /// `/metrics` alone, for `--metrics-listen`.
+    pub metrics_router: axum::Router,
 }
 
 impl App {
     pub async fn build(args: &ServeArgs) -> anyhow::Result<Self> {
         let repo = open_database(&args.database).await?;
-        let store: Arc<dyn Store> = store::open(&args.store_url()).context("could not open the store")?;
+        let store: Arc<dyn Store> = store::open(&args.store_url(), ObjectStoreOptions { part_size: args.part_size })
+            .context("could not open the store")?;
         let settings = Settings {
             max_size: args.max_size,
             expire_after: args.expire_after,
             idle_timeout: args.idle_timeout,
             sweep_interval: args.sweep_interval,
         };
-        let uploads = Uploads::new(repo, store, settings);
-        let state = AppState { uploads: uploads.clone(), base_path: args.base_path.clone() };
-        let router = http::router(state, &args.cors_origin);
-        Ok(Self { uploads, router })
+        let metrics = Metrics::new();
+        let store: Arc<dyn Store> = Arc::new(Instrumented::new(store, metrics.clone()));
+        let uploads = Uploads::new(repo, store, settings, metrics);
+        let state = AppState { uploads: uploads.clone(), base_path: args.base_path.clone(), download: args.download };
+        let metrics_inline = args.metrics_listen.is_none();
+        let router = http::router(state.clone(), &args.cors_origin, metrics_inline);
+        let metrics_router = http::metrics_router(state);
+        Ok(Self { uploads, router, metrics_router })
     }
 }
 
@@ -72,6 +80,15 @@ pub async fn launch(
     let background = CancellationToken::new();
     let workers = crate::uploads::spawn_background(app.uploads.clone(), background.clone());
 
+    if let Some(address) = args.metrics_listen {
+        let listener = TcpListener::bind(address).await.with_context(|| format!("could not listen on {address}"))?;
+        let router = app.metrics_router.clone();
+        let stop = background.clone();
+        tracing::info!(%address, "metrics are served on their own listener");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
+        });
+    }
     let service = tower::ServiceBuilder::new().map_request(http::method_override).service(app.router);
     let service = TowerToHyperService::new(service);
     let mut builder = hyper::server::conn::http1::Builder::new();

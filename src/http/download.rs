@@ -12,6 +12,7 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
 use super::{AppState, error::ApiError, tus::parse_id};
+use crate::config::DownloadMode;
 use crate::uploads::{Upload, types::Metadata};
 
 /// Types a browser may show inline: they cannot run script in our origin.
@@ -60,6 +61,15 @@ pub async fn download(
         None => true,
         Some(tag) => tag.trim() == etag,
     };
+    if state.download == DownloadMode::Redirect
+        && let Some(url) = state.uploads.presign(&upload).await?
+    {
+        let mut response = StatusCode::FOUND.into_response();
+        response.headers_mut().insert(header::LOCATION, HeaderValue::from_str(&url).expect("a URL is a valid header"));
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        return Ok(response);
+    }
+
     let range = match request_headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(value) if if_range_ok => parse_range(value, size)?,
         _ => None,

@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use axum::{
     Router,
-    http::{HeaderValue, Method, header},
-    response::{Html, IntoResponse},
+    extract::{MatchedPath, Request, State},
+    http::{HeaderValue, Method, StatusCode, header},
+    middleware::Next,
+    response::{Html, IntoResponse, Response},
     routing::{get, post},
 };
 use tower_http::{
@@ -24,6 +26,7 @@ use crate::uploads::Uploads;
 pub struct AppState {
     pub uploads: Uploads,
     pub base_path: String,
+    pub download: crate::config::DownloadMode,
 }
 
 /// Response headers a browser client must be able to read.
@@ -65,7 +68,7 @@ const ALLOWED_HEADERS: &[&str] = &[
     "if-none-match",
 ];
 
-pub fn router(state: AppState, cors_origins: &[String]) -> Router {
+pub fn router(state: AppState, cors_origins: &[String], with_metrics: bool) -> Router {
     let base = state.base_path.clone();
     let collection = base.trim_end_matches('/').to_string();
     let tus_routes = Router::new()
@@ -77,10 +80,16 @@ pub fn router(state: AppState, cors_origins: &[String]) -> Router {
         )
         .layer(axum::middleware::from_fn(tus::tus_resumable));
 
-    let router = Router::new()
+    let mut router = Router::new()
         .merge(tus_routes)
         .route("/", get(index))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz));
+    if with_metrics {
+        router = router.route("/metrics", get(metrics));
+    }
+    let router = router
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(TraceLayer::new_for_http())
         .with_state(state);
 
@@ -130,6 +139,47 @@ async fn index() -> impl IntoResponse {
     )
 }
 
+/// Liveness: the process answers.
 async fn healthz() -> &'static str {
     "ok\n"
+}
+
+/// Readiness: the database and the store both answer.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let uploads = &state.uploads;
+    let (database, store) = tokio::join!(uploads.repo().ping(), uploads.store().ping());
+    let problems: Vec<String> =
+        [database.err().map(|e| format!("database: {e}")), store.err().map(|e| format!("store: {e}"))]
+            .into_iter()
+            .flatten()
+            .collect();
+    if problems.is_empty() {
+        "ready\n".into_response()
+    } else {
+        tracing::warn!(?problems, "not ready");
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("; "))).into_response()
+    }
+}
+
+/// Prometheus metrics of this instance.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let (connections, idle) = state.uploads.repo().pool_stats();
+    let text = state.uploads.metrics().render(connections, idle);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+/// `/metrics` alone, for a listener of its own.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(state)
+}
+
+/// Records every request's duration by route (the matched pattern, not the URL), method and status.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let route =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = request.method().clone();
+    let response = next.run(request).await;
+    state.uploads.metrics().observe_request(&route, method.as_str(), response.status().as_u16(), started.elapsed());
+    response
 }

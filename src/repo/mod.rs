@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::uploads::types::{Concat, Metadata, UploadId, UploadState};
+use crate::{
+    store::{AppendOutcome, Part, Staged, StoreUpload},
+    uploads::types::{Concat, Metadata, UploadId, UploadState},
+};
 
 pub use sql::{PgRepo, SqliteRepo};
 
@@ -36,6 +39,7 @@ pub struct UploadRow {
     pub sha256: Option<[u8; 32]>,
     pub owner: Option<String>,
     pub write_gen: i64,
+    pub store: StoreUpload,
     pub created_at: i64,
     pub updated_at: i64,
     pub expires_at: Option<i64>,
@@ -52,6 +56,7 @@ pub struct NewUpload {
     pub hash_state: Vec<u8>,
     pub sha256: Option<[u8; 32]>,
     pub owner: Option<String>,
+    pub store: StoreUpload,
     pub now: i64,
     pub expires_at: Option<i64>,
 }
@@ -77,6 +82,10 @@ pub struct AppendCommit {
     pub length: Option<u64>,
     /// Set when this append completes the upload.
     pub sha256: Option<[u8; 32]>,
+    /// The upload is complete but its store still has to assemble the parts: state `completing`.
+    pub needs_assembly: bool,
+    /// Parts and staged objects made durable by this append.
+    pub outcome: AppendOutcome,
     pub now: i64,
     pub expires_at: Option<i64>,
 }
@@ -88,6 +97,9 @@ pub trait Repo: Send + Sync + 'static {
 
     /// Checks that the database answers.
     async fn ping(&self) -> Result<()>;
+
+    /// Connections open and idle in the pool.
+    fn pool_stats(&self) -> (u32, usize);
 
     async fn insert(&self, upload: &NewUpload) -> Result<()>;
 
@@ -105,8 +117,18 @@ pub trait Repo: Send + Sync + 'static {
     ) -> Result<Option<AppendLease>>;
 
     /// Moves the offset from `from_offset` to `to_offset` if the writer still holds the newest
-    /// generation; completes the upload when `sha256` is set. Returns false when superseded.
+    /// generation, recording the append's parts and staged objects in the same transaction;
+    /// completes the upload when `sha256` is set. Returns false when superseded.
     async fn commit_append(&self, commit: &AppendCommit) -> Result<bool>;
+
+    /// The writer generation an upload is at (None if it is unknown).
+    async fn generation(&self, id: UploadId) -> Result<Option<i64>>;
+
+    /// The committed parts of an upload's multipart upload, in order.
+    async fn parts(&self, id: UploadId) -> Result<Vec<Part>>;
+
+    /// The staged objects of an upload, in offset order.
+    async fn staged(&self, id: UploadId) -> Result<Vec<Staged>>;
 
     /// Marks an upload terminated unless it is gone already or a final upload still being
     /// assembled reads from it. Returns false when nothing changed.
@@ -129,8 +151,9 @@ pub trait Repo: Send + Sync + 'static {
     /// Extends a completion lease; false if another worker took it over.
     async fn renew_completion(&self, id: UploadId, held_until: i64, lease_until: i64) -> Result<bool>;
 
-    /// Marks a completing upload completed with its bytes assembled.
-    async fn finish_completion(&self, id: UploadId, sha256: [u8; 32], now: i64) -> Result<bool>;
+    /// Marks a completing upload completed with its bytes assembled (and its SHA-256, when
+    /// that was not known before).
+    async fn finish_completion(&self, id: UploadId, sha256: Option<[u8; 32]>, now: i64) -> Result<bool>;
 }
 
 /// Connects to the database named by `url` (`postgres://` or `sqlite://`).

@@ -14,7 +14,10 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{AppendCommit, AppendLease, NewUpload, Repo, RepoError, Result, UploadRow};
-use crate::uploads::types::{Concat, Metadata, UploadId, UploadState};
+use crate::{
+    store::{Part, Staged, StoreUpload},
+    uploads::types::{Concat, Metadata, UploadId, UploadState},
+};
 
 /// PostgreSQL: what production runs; several instances share one database.
 pub struct PgRepo {
@@ -50,7 +53,7 @@ impl SqliteRepo {
 }
 
 const COLUMNS: &str = "id, length, upload_offset, metadata, state, concat, concat_parts, hash_state, sha256, \
-                       owner, write_gen, created_at, updated_at, expires_at";
+                       owner, write_gen, multipart_id, part_size, created_at, updated_at, expires_at";
 
 fn to_i64(value: u64) -> i64 {
     i64::try_from(value).expect("sizes are validated to fit in i64")
@@ -115,6 +118,10 @@ where
         sha256: sha256.map(|bytes| bytes.try_into().map_err(|_| corrupt(uuid, "sha256 length"))).transpose()?,
         owner: row.try_get("owner")?,
         write_gen: row.try_get("write_gen")?,
+        store: StoreUpload {
+            multipart_id: row.try_get("multipart_id")?,
+            part_size: row.try_get::<Option<i64>, _>("part_size")?.map(|s| s as u64),
+        },
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         expires_at: row.try_get("expires_at")?,
@@ -135,12 +142,16 @@ macro_rules! sql_repo {
                 Ok(())
             }
 
+            fn pool_stats(&self) -> (u32, usize) {
+                (self.pool.size(), self.pool.num_idle())
+            }
+
             async fn insert(&self, upload: &NewUpload) -> Result<()> {
                 let (concat, concat_parts) = concat_columns(&upload.concat);
                 sqlx::query(
                     "INSERT INTO uploads (id, length, upload_offset, metadata, state, concat, concat_parts, \
-                     hash_state, sha256, owner, created_at, updated_at, expires_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12)",
+                     hash_state, sha256, owner, created_at, updated_at, expires_at, multipart_id, part_size) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, $13, $14)",
                 )
                 .bind(upload.id.uuid())
                 .bind(upload.length.map(to_i64))
@@ -154,6 +165,8 @@ macro_rules! sql_repo {
                 .bind(&upload.owner)
                 .bind(upload.now)
                 .bind(upload.expires_at)
+                .bind(&upload.store.multipart_id)
+                .bind(upload.store.part_size.map(to_i64))
                 .execute(&self.pool)
                 .await?;
                 Ok(())
@@ -192,11 +205,15 @@ macro_rules! sql_repo {
             }
 
             async fn commit_append(&self, c: &AppendCommit) -> Result<bool> {
-                let completed = c.sha256.is_some();
+                let state = match (c.sha256.is_some(), c.needs_assembly) {
+                    (false, _) => "receiving",
+                    (true, false) => "completed",
+                    (true, true) => "completing",
+                };
+                let mut tx = self.pool.begin().await?;
                 let result = sqlx::query(
                     "UPDATE uploads SET upload_offset = $4, hash_state = $5, length = COALESCE(length, $6), \
-                     sha256 = $7, state = CASE WHEN $8 THEN 'completed' ELSE state END, \
-                     updated_at = $9, expires_at = CASE WHEN $8 THEN NULL ELSE $10 END \
+                     sha256 = $7, state = $8, updated_at = $9, expires_at = $10 \
                      WHERE id = $1 AND write_gen = $2 AND upload_offset = $3 AND state = 'receiving' \
                      AND ($6 IS NULL OR length IS NULL OR length = $6)",
                 )
@@ -207,12 +224,88 @@ macro_rules! sql_repo {
                 .bind(&c.hash_state)
                 .bind(c.length.map(to_i64))
                 .bind(c.sha256.map(|h| h.to_vec()))
-                .bind(completed)
+                .bind(state)
                 .bind(c.now)
                 .bind(c.expires_at)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
-                Ok(result.rows_affected() == 1)
+                if result.rows_affected() != 1 {
+                    return Ok(false);
+                }
+                for part in &c.outcome.parts {
+                    sqlx::query(
+                        "INSERT INTO upload_parts (upload_id, part_index, size, content_id) VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(c.id.uuid())
+                    .bind(to_i64(part.index))
+                    .bind(to_i64(part.size))
+                    .bind(&part.content_id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for key in &c.outcome.consumed {
+                    sqlx::query("DELETE FROM upload_staged WHERE upload_id = $1 AND object_key = $2")
+                        .bind(c.id.uuid())
+                        .bind(key)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                for staged in &c.outcome.staged {
+                    sqlx::query(
+                        "INSERT INTO upload_staged (upload_id, chunk_offset, size, object_key) VALUES ($1, $2, $3, $4)",
+                    )
+                    .bind(c.id.uuid())
+                    .bind(to_i64(staged.offset))
+                    .bind(to_i64(staged.size))
+                    .bind(&staged.key)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn generation(&self, id: UploadId) -> Result<Option<i64>> {
+                Ok(sqlx::query_scalar("SELECT write_gen FROM uploads WHERE id = $1")
+                    .bind(id.uuid())
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn parts(&self, id: UploadId) -> Result<Vec<Part>> {
+                let rows = sqlx::query(
+                    "SELECT part_index, size, content_id FROM upload_parts WHERE upload_id = $1 ORDER BY part_index",
+                )
+                .bind(id.uuid())
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(Part {
+                            index: row.try_get::<i64, _>("part_index")? as u64,
+                            size: row.try_get::<i64, _>("size")? as u64,
+                            content_id: row.try_get("content_id")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn staged(&self, id: UploadId) -> Result<Vec<Staged>> {
+                let rows = sqlx::query(
+                    "SELECT chunk_offset, size, object_key FROM upload_staged WHERE upload_id = $1 ORDER BY chunk_offset",
+                )
+                .bind(id.uuid())
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(Staged {
+                            offset: row.try_get::<i64, _>("chunk_offset")? as u64,
+                            size: row.try_get::<i64, _>("size")? as u64,
+                            key: row.try_get("object_key")?,
+                        })
+                    })
+                    .collect()
             }
 
             async fn terminate(&self, id: UploadId, now: i64) -> Result<bool> {
@@ -302,14 +395,14 @@ macro_rules! sql_repo {
                 Ok(result.rows_affected() == 1)
             }
 
-            async fn finish_completion(&self, id: UploadId, sha256: [u8; 32], now: i64) -> Result<bool> {
+            async fn finish_completion(&self, id: UploadId, sha256: Option<[u8; 32]>, now: i64) -> Result<bool> {
                 let result = sqlx::query(
-                    "UPDATE uploads SET state = 'completed', upload_offset = length, sha256 = $2, \
+                    "UPDATE uploads SET state = 'completed', upload_offset = length, sha256 = COALESCE($2, sha256), \
                      claimed_until = NULL, updated_at = $3, expires_at = NULL \
                      WHERE id = $1 AND state = 'completing'",
                 )
                 .bind(id.uuid())
-                .bind(sha256.to_vec())
+                .bind(sha256.map(|h| h.to_vec()))
                 .bind(now)
                 .execute(&self.pool)
                 .await?;

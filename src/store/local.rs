@@ -24,7 +24,10 @@ use object_store::{
     GetOptions, GetRange, ObjectStore, ObjectStoreExt, WriteMultipart, local::LocalFileSystem, path::Path,
 };
 
-use super::{Appender, ByteStream, Download, Result, Store, StoreError, object_path};
+use super::{
+    AppendContext, AppendOutcome, Appender, ByteStream, Download, Part, Result, Staged, StagedObject, Store,
+    StoreError, StoreUpload, object_path,
+};
 use crate::uploads::types::UploadId;
 
 pub struct LocalStore {
@@ -71,16 +74,18 @@ fn read_generation(lock: &File) -> io::Result<i64> {
 
 #[async_trait]
 impl Store for LocalStore {
-    async fn create(&self, id: UploadId) -> Result<()> {
+    async fn create(&self, id: UploadId, _max_length: u64, _empty: bool) -> Result<StoreUpload> {
         let data = self.data_path(id)?;
         blocking(move || {
             OpenOptions::new().write(true).create(true).truncate(false).open(&data)?.sync_all()?;
             Ok(())
         })
-        .await
+        .await?;
+        Ok(StoreUpload::default())
     }
 
-    async fn append(&self, id: UploadId, offset: u64, generation: i64) -> Result<Box<dyn Appender>> {
+    async fn append(&self, context: AppendContext) -> Result<Box<dyn Appender>> {
+        let AppendContext { id, offset, generation, .. } = context;
         let data_path = self.data_path(id)?;
         let lock_path = self.lock_path(id);
         let (data, lock) = blocking(move || {
@@ -104,6 +109,14 @@ impl Store for LocalStore {
         .await?
         .ok_or(StoreError::Superseded)?;
         Ok(Box::new(LocalAppender { data: Arc::new(data), lock: Arc::new(lock), generation, position: offset }))
+    }
+
+    fn completes_in_place(&self) -> bool {
+        true
+    }
+
+    async fn complete(&self, _id: UploadId, _upload: &StoreUpload, _parts: &[Part]) -> Result<()> {
+        Ok(())
     }
 
     async fn read(&self, id: UploadId, range: Option<Range<u64>>) -> Result<Download> {
@@ -142,7 +155,7 @@ impl Store for LocalStore {
         Ok(written)
     }
 
-    async fn delete(&self, id: UploadId) -> Result<()> {
+    async fn delete(&self, id: UploadId, _upload: &StoreUpload, _staged: &[Staged]) -> Result<()> {
         for path in [self.data_path(id)?, self.lock_path(id)] {
             match tokio::fs::remove_file(&path).await {
                 Ok(()) => {}
@@ -151,6 +164,18 @@ impl Store for LocalStore {
             }
         }
         Ok(())
+    }
+
+    async fn staged_objects(&self) -> Result<Vec<StagedObject>> {
+        Ok(Vec::new())
+    }
+
+    async fn delete_staged(&self, _key: &str) -> Result<()> {
+        Ok(())
+    }
+
+    async fn presign(&self, _id: UploadId, _expires_in: std::time::Duration) -> Result<Option<String>> {
+        Ok(None)
     }
 
     fn location(&self, id: UploadId) -> String {
@@ -198,8 +223,9 @@ impl Appender for LocalAppender {
         Ok(())
     }
 
-    async fn finish(self: Box<Self>) -> Result<()> {
+    async fn finish(self: Box<Self>, _last: bool) -> Result<AppendOutcome> {
         let data = self.data.clone();
-        blocking(move || data.sync_data()).await
+        blocking(move || data.sync_data()).await?;
+        Ok(AppendOutcome::default())
     }
 }

@@ -1,8 +1,14 @@
 //! Upload bytes behind one trait, on `object_store`. Only this module touches object_store.
+//!
+//! Two backends: local disk ([`LocalStore`]: bytes written once, at their offset) and object
+//! stores ([`ObjectBackend`]: S3, GCS, Azure; appends go straight into a native multipart upload
+//! whose parts the repo records, so any instance can add the next part or complete it).
 
+mod instrumented;
 mod local;
+mod object;
 
-use std::{ops::Range, sync::Arc};
+use std::{ops::Range, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -11,7 +17,9 @@ use object_store::path::Path;
 
 use crate::uploads::types::UploadId;
 
+pub use instrumented::Instrumented;
 pub use local::LocalStore;
+pub use object::{ObjectBackend, ObjectStoreOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -39,15 +47,75 @@ pub struct Download {
     pub stream: ByteStream,
 }
 
+/// What the store set up for an upload, saved with it by the repo.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreUpload {
+    /// The native multipart upload receiving the parts (object stores).
+    pub multipart_id: Option<String>,
+    /// Every part but the last has exactly this size, so part `i` covers
+    /// `[i * part_size, (i + 1) * part_size)`.
+    pub part_size: Option<u64>,
+}
+
+/// A part of a multipart upload, stored and ready to be completed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub index: u64,
+    pub size: u64,
+    pub content_id: String,
+}
+
+/// Bytes smaller than a part, kept as an object of their own until merged into a part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    pub key: String,
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// Tells an append whether its writer still holds the newest generation.
+#[async_trait]
+pub trait WriterCheck: Send + Sync {
+    async fn is_current(&self) -> bool;
+}
+
+/// Everything an append needs to continue an upload.
+pub struct AppendContext {
+    pub id: UploadId,
+    /// Where this request's bytes start.
+    pub offset: u64,
+    pub generation: i64,
+    pub upload: StoreUpload,
+    /// Staged bytes that end at `offset`, in order.
+    pub staged: Vec<Staged>,
+    pub check: Arc<dyn WriterCheck>,
+}
+
+/// What an append made durable, to be committed with the new offset.
+#[derive(Debug, Clone, Default)]
+pub struct AppendOutcome {
+    pub parts: Vec<Part>,
+    pub staged: Vec<Staged>,
+    /// Keys of staged objects merged into a part (their rows go; the objects can be deleted).
+    pub consumed: Vec<String>,
+}
+
 /// Bytes of uploads.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Prepares an empty upload so that it reads back as zero bytes.
-    async fn create(&self, id: UploadId) -> Result<()>;
+    /// Prepares a new upload of at most `max_length` bytes; `empty` uploads are complete at once.
+    async fn create(&self, id: UploadId, max_length: u64, empty: bool) -> Result<StoreUpload>;
 
-    /// Opens an append at `offset` for writer `generation`. Bytes become durable with
-    /// [`Appender::finish`]; a writer of an older generation gets [`StoreError::Superseded`].
-    async fn append(&self, id: UploadId, offset: u64, generation: i64) -> Result<Box<dyn Appender>>;
+    /// Opens an append. Bytes become durable with [`Appender::finish`]; a writer of an older
+    /// generation gets [`StoreError::Superseded`].
+    async fn append(&self, context: AppendContext) -> Result<Box<dyn Appender>>;
+
+    /// True when an upload's bytes are readable as soon as the last append is durable (local
+    /// disk); false when [`Store::complete`] has to assemble them (object stores).
+    fn completes_in_place(&self) -> bool;
+
+    /// Completes an upload from its parts (a multipart completion: no byte is copied).
+    async fn complete(&self, id: UploadId, upload: &StoreUpload, parts: &[Part]) -> Result<()>;
 
     /// Reads an upload's bytes, or a range of them.
     async fn read(&self, id: UploadId, range: Option<Range<u64>>) -> Result<Download>;
@@ -55,14 +123,34 @@ pub trait Store: Send + Sync + 'static {
     /// Writes an upload's bytes in one go from a stream (used by background jobs).
     async fn write_stream(&self, id: UploadId, stream: ByteStream) -> Result<u64>;
 
-    /// Deletes an upload's bytes and anything staged for it. Deleting twice is fine.
-    async fn delete(&self, id: UploadId) -> Result<()>;
+    /// Deletes everything stored for an upload: bytes, multipart upload, staged objects.
+    /// Deleting twice is fine.
+    async fn delete(&self, id: UploadId, upload: &StoreUpload, staged: &[Staged]) -> Result<()>;
 
-    /// A readable description of where an upload's bytes are (a path or a bucket key).
+    /// Staged objects in the store, with the upload they belong to and their age, so the sweeper
+    /// can reclaim those left behind by crashed or superseded requests.
+    async fn staged_objects(&self) -> Result<Vec<StagedObject>>;
+
+    /// Deletes one staged object.
+    async fn delete_staged(&self, key: &str) -> Result<()>;
+
+    /// A short-lived URL the client can download a completed upload from directly, where the
+    /// store supports it.
+    async fn presign(&self, id: UploadId, expires_in: Duration) -> Result<Option<String>>;
+
+    /// A readable description of where an upload's bytes are (a path or a bucket and key).
     fn location(&self, id: UploadId) -> String;
 
     /// Checks that the store answers.
     async fn ping(&self) -> Result<()>;
+}
+
+/// A staged object found in the store.
+#[derive(Debug, Clone)]
+pub struct StagedObject {
+    pub upload: UploadId,
+    pub key: String,
+    pub modified_ms: i64,
 }
 
 /// An append in progress.
@@ -71,8 +159,8 @@ pub trait Appender: Send {
     /// Writes the next bytes. Returns [`StoreError::Superseded`] once a newer writer took over.
     async fn write(&mut self, data: Bytes) -> Result<()>;
 
-    /// Makes everything written so far durable and readable.
-    async fn finish(self: Box<Self>) -> Result<()>;
+    /// Makes everything written so far durable; `last` when these bytes complete the upload.
+    async fn finish(self: Box<Self>, last: bool) -> Result<AppendOutcome>;
 }
 
 /// The object key of an upload's bytes.
@@ -80,13 +168,15 @@ pub fn object_path(id: UploadId) -> Path {
     Path::from(format!("uploads/{id}"))
 }
 
-/// Opens the store named by `url`: a local folder (`/path`, `./path` or `file:///path`).
-pub fn open(url: &str) -> anyhow::Result<Arc<dyn Store>> {
+/// Opens the store named by `url`: a local folder (`/path`, `./path` or `file:///path`), or
+/// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix` configured from the
+/// environment as object_store reads it (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+pub fn open(url: &str, options: ObjectStoreOptions) -> anyhow::Result<Arc<dyn Store>> {
     if let Some(path) = url.strip_prefix("file://") {
         return Ok(Arc::new(LocalStore::new(path)?));
     }
     if url.contains("://") {
-        anyhow::bail!("unsupported store '{url}' (expected a folder path or file:///path)");
+        return Ok(Arc::new(ObjectBackend::from_url(url, options)?));
     }
     Ok(Arc::new(LocalStore::new(url)?))
 }

@@ -14,7 +14,8 @@ use tokio::sync::Notify;
 
 use crate::{
     repo::{AppendCommit, NewUpload, Repo, RepoError, UploadRow},
-    store::{Download, Store, StoreError},
+    store::{AppendContext, Download, Store, StoreError, StoreUpload, WriterCheck},
+    telemetry::Metrics,
 };
 use types::{
     Checksum, ChecksumAlgorithm, ChecksumHasher, ChecksumPlan, Concat, FileHasher, Metadata, UploadId, UploadState,
@@ -25,6 +26,13 @@ pub use worker::spawn_background;
 /// Appends are written to the store in pieces of at most this size: the memory an append holds
 /// is bounded by it, whatever the size of the request body.
 pub const WRITE_BUFFER: usize = 256 * 1024;
+
+/// Staged objects no row points to are deleted once they are this old (younger ones may belong
+/// to a request that is about to commit them).
+pub const ORPHAN_AGE: Duration = Duration::from_secs(600);
+
+/// How long a presigned download URL stays valid.
+pub const PRESIGNED_URL_TTL: Duration = Duration::from_secs(300);
 
 /// Terminated and expired uploads are remembered this long (to answer 410) before they are forgotten.
 pub const TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -175,11 +183,16 @@ pub struct Uploads {
     settings: Settings,
     /// Wakes this instance's completion worker early; other instances find the job by polling.
     completion_wanted: Arc<Notify>,
+    metrics: Arc<Metrics>,
 }
 
 impl Uploads {
-    pub fn new(repo: Arc<dyn Repo>, store: Arc<dyn Store>, settings: Settings) -> Self {
-        Self { repo, store, settings, completion_wanted: Arc::new(Notify::new()) }
+    pub fn new(repo: Arc<dyn Repo>, store: Arc<dyn Store>, settings: Settings, metrics: Arc<Metrics>) -> Self {
+        Self { repo, store, settings, completion_wanted: Arc::new(Notify::new()), metrics }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn settings(&self) -> &Settings {
@@ -253,9 +266,12 @@ impl Uploads {
             }
         };
         let expires_at = (state == UploadState::Receiving).then(|| self.expiry(now));
-        if !matches!(concat, Concat::Final(_)) || length == Some(0) {
-            self.store.create(id).await?;
-        }
+        // A final upload's bytes are written by the job that assembles it.
+        let store = if !matches!(concat, Concat::Final(_)) || length == Some(0) {
+            self.store.create(id, length.unwrap_or(self.settings.max_size), length == Some(0)).await?
+        } else {
+            StoreUpload::default()
+        };
         let new = NewUpload {
             id,
             length,
@@ -265,15 +281,23 @@ impl Uploads {
             hash_state: FileHasher::new().save(),
             sha256,
             owner: request.owner,
+            store,
             now,
             expires_at,
         };
         if let Err(e) = self.repo.insert(&new).await {
-            let _ = self.store.delete(id).await;
+            let _ = self.store.delete(id, &new.store, &[]).await;
             return Err(e.into());
         }
-        if state == UploadState::Completing {
-            self.completion_wanted.notify_one();
+        self.metrics.uploads_created.inc();
+        match state {
+            UploadState::Completing => {
+                self.completion_wanted.notify_one();
+            }
+            UploadState::Completed => {
+                self.metrics.uploads_completed.inc();
+            }
+            _ => {}
         }
         tracing::info!(upload = %id, length = ?length, "upload created");
         self.get(id).await
@@ -339,10 +363,22 @@ impl Uploads {
             return Err(superseded());
         };
         let hasher = FileHasher::restore(&lease.hash_state).map_err(|e| anyhow::anyhow!(e))?;
-        let appender = self.store.append(request.id, request.offset, lease.generation).await?;
+        let staged = if self.store.completes_in_place() { Vec::new() } else { self.repo.staged(request.id).await? };
+        let context = AppendContext {
+            id: request.id,
+            offset: request.offset,
+            generation: lease.generation,
+            upload: row.store.clone(),
+            staged,
+            check: Arc::new(CurrentWriter { repo: self.repo.clone(), id: request.id, generation: lease.generation }),
+        };
+        let appender = self.store.append(context).await?;
 
         let idle_timeout = self.settings.idle_timeout;
-        let received = receive(body, appender, hasher, request.checksum, remaining, idle_timeout).await?;
+        // These bytes complete the upload when they reach its (known) length.
+        let completes_after = length.map(|l| l - request.offset);
+        let received =
+            receive(body, appender, hasher, request.checksum, remaining, completes_after, idle_timeout).await?;
 
         let to_offset = request.offset + received.bytes;
         // A checksum vouches for a whole body: a cut-off or mismatching body is discarded.
@@ -355,6 +391,8 @@ impl Uploads {
             });
         }
         let completes = length == Some(to_offset);
+        let needs_assembly = completes && !self.store.completes_in_place();
+        let consumed = received.outcome.consumed.clone();
         let commit = AppendCommit {
             id: request.id,
             generation: lease.generation,
@@ -363,19 +401,47 @@ impl Uploads {
             hash_state: received.hasher.save(),
             length: request.length,
             sha256: completes.then(|| received.hasher.clone().finish()),
+            needs_assembly,
+            outcome: received.outcome,
             now: now_ms(),
             expires_at: (!completes).then(|| self.expiry(now_ms())),
         };
         if !self.repo.commit_append(&commit).await? {
             return Err(superseded());
         }
-        if completes {
+        self.metrics.bytes_received.inc_by(received.bytes);
+        // Staged bytes now live in a part; their objects can go.
+        for key in consumed {
+            if let Err(e) = self.store.delete_staged(&key).await {
+                tracing::warn!(upload = %request.id, error = %e, "could not delete a merged staged object");
+            }
+        }
+        if needs_assembly {
+            // Complete the multipart upload now (no byte is copied); if that fails, the
+            // background job retries it, from this instance or another.
+            if let Err(e) = self.finish_parts(request.id, &row.store).await {
+                tracing::warn!(upload = %request.id, error = %e, "completing the upload failed; retrying in the background");
+                self.completion_wanted.notify_one();
+            }
+        } else if completes {
+            self.metrics.uploads_completed.inc();
             tracing::info!(upload = %request.id, length = to_offset, "upload completed");
         }
         if let Some(error) = received.ending.into_error(idle_timeout) {
             return Err(error);
         }
         Ok(Appended { offset: to_offset, expires_at: commit.expires_at })
+    }
+
+    /// Completes an upload whose parts are all stored (object stores).
+    pub(crate) async fn finish_parts(&self, id: UploadId, store: &StoreUpload) -> anyhow::Result<()> {
+        let parts = self.repo.parts(id).await?;
+        self.store.complete(id, store, &parts).await?;
+        if self.repo.finish_completion(id, None, now_ms()).await? {
+            self.metrics.uploads_completed.inc();
+            tracing::info!(upload = %id, parts = parts.len(), "upload completed");
+        }
+        Ok(())
     }
 
     /// Checks that an upload accepts an append at the request's offset; returns its length
@@ -420,6 +486,7 @@ impl Uploads {
                 "this partial upload is being concatenated into a final upload; try again when that is done".into(),
             ));
         }
+        self.metrics.uploads_terminated.inc();
         tracing::info!(upload = %id, "upload terminated");
         self.delete_bytes(id).await;
         Ok(())
@@ -427,7 +494,19 @@ impl Uploads {
 
     /// Deletes the bytes of a terminated or expired upload; on failure the sweeper retries.
     async fn delete_bytes(&self, id: UploadId) {
-        match self.store.delete(id).await {
+        let stored = async {
+            let store = self.repo.get(id).await?.map(|row| row.store).unwrap_or_default();
+            let staged = self.repo.staged(id).await?;
+            Ok::<_, RepoError>((store, staged))
+        };
+        let (store, staged) = match stored.await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::warn!(upload = %id, error = %e, "could not look up stored bytes; the sweeper will retry");
+                return;
+            }
+        };
+        match self.store.delete(id, &store, &staged).await {
             Ok(()) => {
                 if let Err(e) = self.repo.mark_bytes_deleted(id).await {
                     tracing::warn!(upload = %id, error = %e, "could not record deleted bytes");
@@ -451,6 +530,12 @@ impl Uploads {
         Ok(row.into())
     }
 
+    /// A short-lived URL of the store for downloading a completed upload directly, where the
+    /// store supports it.
+    pub async fn presign(&self, upload: &Upload) -> Result<Option<String>> {
+        Ok(self.store.presign(upload.id, PRESIGNED_URL_TTL).await?)
+    }
+
     /// Reads a completed upload's bytes, or a range of them.
     pub async fn download(&self, upload: &Upload, range: Option<std::ops::Range<u64>>) -> Result<Download> {
         let id = upload.id;
@@ -471,6 +556,7 @@ impl Uploads {
             for id in &expired {
                 tracing::info!(upload = %id, "upload expired");
             }
+            self.metrics.uploads_expired.inc_by(expired.len() as u64);
             if expired.len() < 100 {
                 break;
             }
@@ -485,6 +571,33 @@ impl Uploads {
             }
         }
         self.repo.purge_gone(now - TOMBSTONE_RETENTION.as_millis() as i64).await?;
+        self.reclaim_staged(now).await
+    }
+
+    /// Deletes staged objects no upload needs: those of uploads that are complete or gone, and
+    /// those no row points to (left by a request that crashed or lost to a newer one before it
+    /// committed) once they are old enough not to belong to a request still committing.
+    async fn reclaim_staged(&self, now: i64) -> Result<()> {
+        let mut known: std::collections::HashMap<UploadId, Option<Vec<String>>> = Default::default();
+        for object in self.store.staged_objects().await? {
+            if let std::collections::hash_map::Entry::Vacant(entry) = known.entry(object.upload) {
+                let keys = match self.repo.get(object.upload).await? {
+                    Some(row) if row.state == UploadState::Receiving => {
+                        Some(self.repo.staged(object.upload).await?.into_iter().map(|s| s.key).collect())
+                    }
+                    _ => None,
+                };
+                entry.insert(keys);
+            }
+            let keep = match &known[&object.upload] {
+                Some(keys) => keys.contains(&object.key) || object.modified_ms > now - ORPHAN_AGE.as_millis() as i64,
+                None => false,
+            };
+            if !keep {
+                tracing::info!(upload = %object.upload, key = %object.key, "deleting an orphaned staged object");
+                self.store.delete_staged(&object.key).await?;
+            }
+        }
         Ok(())
     }
 }
@@ -516,6 +629,21 @@ struct Received {
     /// None when no checksum was asked for; otherwise whether the body matched it.
     checksum_ok: Option<bool>,
     ending: Ending,
+    outcome: crate::store::AppendOutcome,
+}
+
+/// Answers an object store's question "is this writer still the newest?" from the database.
+struct CurrentWriter {
+    repo: Arc<dyn Repo>,
+    id: UploadId,
+    generation: i64,
+}
+
+#[async_trait::async_trait]
+impl WriterCheck for CurrentWriter {
+    async fn is_current(&self) -> bool {
+        matches!(self.repo.generation(self.id).await, Ok(Some(g)) if g == self.generation)
+    }
 }
 
 /// Reads a body through a bounded buffer into the store, hashing on the way.
@@ -525,6 +653,7 @@ async fn receive(
     mut hasher: FileHasher,
     plan: ChecksumPlan,
     remaining: u64,
+    completes_after: Option<u64>,
     idle_timeout: Duration,
 ) -> Result<Received> {
     // With a trailer, the algorithm is only known after the body, so every supported one runs.
@@ -582,7 +711,8 @@ async fn receive(
     if !buffer.is_empty() {
         appender.write(buffer.freeze()).await?;
     }
-    appender.finish().await?;
+    let last = matches!(ending, Ending::Complete) && completes_after == Some(bytes);
+    let outcome = appender.finish(last).await?;
     let checksum_ok = match (&plan, expected) {
         (ChecksumPlan::None, _) => None,
         // An announced trailer that never came cannot vouch for the bytes.
@@ -594,5 +724,5 @@ async fn receive(
                 .is_some_and(|h| h.finish() == expected.digest),
         ),
     };
-    Ok(Received { bytes, hasher, checksum_ok, ending })
+    Ok(Received { bytes, hasher, checksum_ok, ending, outcome })
 }

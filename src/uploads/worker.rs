@@ -67,7 +67,9 @@ impl Uploads {
             return Ok(false);
         };
         let Concat::Final(parts) = &row.concat else {
-            anyhow::bail!("upload {} is completing but is not a final upload", row.id);
+            // A multipart upload whose parts are all stored: complete it.
+            self.finish_parts(row.id, &row.store).await?;
+            return Ok(true);
         };
         tracing::info!(upload = %row.id, parts = parts.len(), "assembling final upload");
 
@@ -117,7 +119,8 @@ impl Uploads {
             .into_inner()
             .expect("hasher lock")
             .finish();
-        if self.repo.finish_completion(row.id, sha256, now_ms()).await? {
+        if self.repo.finish_completion(row.id, Some(sha256), now_ms()).await? {
+            self.metrics.uploads_completed.inc();
             tracing::info!(upload = %row.id, length = written, "final upload completed");
         }
         Ok(true)

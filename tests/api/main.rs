@@ -11,5 +11,6 @@ mod expiration;
 mod limits;
 mod openapi;
 mod patch;
+mod service;
 mod termination;
 mod validation;

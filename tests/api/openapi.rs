@@ -386,6 +386,10 @@ async fn document_matches_server(backend: Backend) {
     assert!(header(&page, "content-type").starts_with("text/html"));
     let health = c.send(app.client.get(format!("{}/healthz", app.base)), 200).await;
     assert_eq!(health.text().await.unwrap(), "ok\n");
+    let ready = c.send(app.client.get(format!("{}/readyz", app.base)), 200).await;
+    assert_eq!(ready.text().await.unwrap(), "ready\n");
+    let metrics = c.send(app.client.get(format!("{}/metrics", app.base)), 200).await;
+    assert!(metrics.text().await.unwrap().contains("ferry_uploads_created_total"));
 
     // Capabilities, on the collection and on an upload URL.
     let options = c.send(app.client.request(Method::OPTIONS, &files), 204).await;

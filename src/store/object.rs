@@ -1,0 +1,360 @@
+//! Object stores (S3 and S3-compatible stores, GCS, Azure): appends go straight into a native
+//! multipart upload.
+//!
+//! Parts all have the upload's part size (the last may be shorter), so part `i` always covers
+//! `[i * part_size, (i + 1) * part_size)`: which part a byte belongs to never depends on how the
+//! client chunked the file. That keeps stores that require equal part sizes (Cloudflare R2)
+//! happy, and makes a superseded writer harmless: if it still uploads a part, it uploads the same
+//! bytes under the same number. A request whose bytes do not fill a part stages them as an
+//! object of their own; the next append merges the staged bytes into its first part (a copy
+//! bounded by the part size, never by the file). Completing is `complete_multipart`: no byte is
+//! copied again.
+
+use std::{collections::VecDeque, ops::Range, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::{
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart,
+    aws::AmazonS3Builder,
+    azure::MicrosoftAzureBuilder,
+    gcp::GoogleCloudStorageBuilder,
+    multipart::{MultipartStore, PartId},
+    path::Path,
+    signer::Signer,
+};
+
+use super::{
+    AppendContext, AppendOutcome, Appender, ByteStream, Download, Part, Result, Staged, StagedObject, Store,
+    StoreError, StoreUpload, WriterCheck,
+};
+use crate::uploads::types::UploadId;
+
+/// The smallest part S3 (and GCS's XML API) accept, but for the last.
+pub const MIN_PART_SIZE: u64 = 5 << 20;
+/// Most parts a multipart upload may have.
+pub const MAX_PARTS: u64 = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct ObjectStoreOptions {
+    /// Preferred part size; raised per upload when needed to stay within 10,000 parts.
+    pub part_size: u64,
+}
+
+impl Default for ObjectStoreOptions {
+    fn default() -> Self {
+        Self { part_size: 8 << 20 }
+    }
+}
+
+pub struct ObjectBackend {
+    store: Arc<dyn ObjectStore>,
+    multipart: Arc<dyn MultipartStore>,
+    signer: Arc<dyn Signer>,
+    prefix: String,
+    description: String,
+    part_size: u64,
+}
+
+impl ObjectBackend {
+    /// Builds the store for `s3://`, `gs://` or `az://` URLs from the environment
+    /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`, as object_store reads them).
+    pub fn from_url(url: &str, options: ObjectStoreOptions) -> anyhow::Result<Self> {
+        let parsed = url::Url::parse(url).map_err(|e| anyhow::anyhow!("store URL '{url}': {e}"))?;
+        let bucket = parsed
+            .host_str()
+            .filter(|b| !b.is_empty())
+            .ok_or_else(|| anyhow::anyhow!("store URL '{url}' names no bucket (expected e.g. s3://bucket/prefix)"))?;
+        let prefix = parsed.path().trim_matches('/').to_string();
+        let (store, multipart, signer): (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>, Arc<dyn Signer>) =
+            match parsed.scheme() {
+                "s3" | "s3a" => {
+                    let s3 = Arc::new(AmazonS3Builder::from_env().with_bucket_name(bucket).build()?);
+                    (s3.clone(), s3.clone(), s3)
+                }
+                "gs" => {
+                    let gcs = Arc::new(GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket).build()?);
+                    (gcs.clone(), gcs.clone(), gcs)
+                }
+                "az" | "azure" => {
+                    let azure = Arc::new(MicrosoftAzureBuilder::from_env().with_container_name(bucket).build()?);
+                    (azure.clone(), azure.clone(), azure)
+                }
+                other => anyhow::bail!("unsupported store scheme '{other}' (use s3://, gs://, az:// or a folder)"),
+            };
+        let description = match prefix.as_str() {
+            "" => format!("{}://{bucket}", parsed.scheme()),
+            p => format!("{}://{bucket}/{p}", parsed.scheme()),
+        };
+        let part_size = options.part_size.max(MIN_PART_SIZE);
+        Ok(Self { store, multipart, signer, prefix, description, part_size })
+    }
+
+    fn key(&self, relative: &str) -> Path {
+        if self.prefix.is_empty() { Path::from(relative) } else { Path::from(format!("{}/{relative}", self.prefix)) }
+    }
+
+    fn upload_path(&self, id: UploadId) -> Path {
+        self.key(&format!("uploads/{id}"))
+    }
+
+    /// The part size for an upload of at most `max_length` bytes: the configured size, raised
+    /// to a whole MiB that keeps the upload within 10,000 parts.
+    fn part_size_for(&self, max_length: u64) -> u64 {
+        let needed = max_length.div_ceil(MAX_PARTS).div_ceil(1 << 20) << 20;
+        self.part_size.max(needed)
+    }
+}
+
+fn ignore_not_found(result: object_store::Result<()>) -> Result<()> {
+    match result {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[async_trait]
+impl Store for ObjectBackend {
+    async fn create(&self, id: UploadId, max_length: u64, empty: bool) -> Result<StoreUpload> {
+        let path = self.upload_path(id);
+        if empty {
+            self.store.put(&path, PutPayload::new()).await?;
+            return Ok(StoreUpload::default());
+        }
+        let multipart_id = self.multipart.create_multipart(&path).await?;
+        Ok(StoreUpload { multipart_id: Some(multipart_id), part_size: Some(self.part_size_for(max_length)) })
+    }
+
+    async fn append(&self, context: AppendContext) -> Result<Box<dyn Appender>> {
+        let (Some(multipart_id), Some(part_size)) = (context.upload.multipart_id.clone(), context.upload.part_size)
+        else {
+            return Err(StoreError::Other(format!("upload {} has no multipart upload", context.id)));
+        };
+        let staged_len: u64 = context.staged.iter().map(|s| s.size).sum();
+        let part_start =
+            context.offset.checked_sub(staged_len).filter(|start| start % part_size == 0).ok_or_else(|| {
+                StoreError::Other(format!("staged bytes of upload {} do not line up with its parts", context.id))
+            })?;
+        Ok(Box::new(ObjectAppender {
+            store: self.store.clone(),
+            multipart: self.multipart.clone(),
+            check: context.check,
+            path: self.upload_path(context.id),
+            staging: self.key(&format!("staging/{}", context.id)),
+            multipart_id,
+            part_size,
+            generation: context.generation,
+            next_index: part_start / part_size,
+            staged: context.staged,
+            staged_len,
+            buffer: VecDeque::new(),
+            buffered: 0,
+            buffer_offset: context.offset,
+            outcome: AppendOutcome::default(),
+        }))
+    }
+
+    fn completes_in_place(&self) -> bool {
+        false
+    }
+
+    async fn complete(&self, id: UploadId, upload: &StoreUpload, parts: &[Part]) -> Result<()> {
+        let Some(multipart_id) = &upload.multipart_id else {
+            return Ok(());
+        };
+        let mut ordered = parts.to_vec();
+        ordered.sort_by_key(|p| p.index);
+        if ordered.iter().enumerate().any(|(i, p)| p.index != i as u64) {
+            return Err(StoreError::Other(format!("parts of upload {id} are not contiguous")));
+        }
+        let path = self.upload_path(id);
+        let ids = ordered.into_iter().map(|p| PartId { content_id: p.content_id }).collect();
+        match self.multipart.complete_multipart(&path, multipart_id, ids).await {
+            Ok(_) => Ok(()),
+            // Completed before (by a request or a job that then died): the object is there.
+            Err(e) => match self.store.head(&path).await {
+                Ok(_) => Ok(()),
+                Err(_) => Err(e.into()),
+            },
+        }
+    }
+
+    async fn read(&self, id: UploadId, range: Option<Range<u64>>) -> Result<Download> {
+        let path = self.upload_path(id);
+        let size = match self.store.head(&path).await {
+            Ok(meta) => meta.size,
+            Err(object_store::Error::NotFound { .. }) => return Err(StoreError::NotFound),
+            Err(e) => return Err(e.into()),
+        };
+        let range = range.unwrap_or(0..size);
+        if range.is_empty() {
+            return Ok(Download { size, stream: futures_util::stream::empty().boxed() });
+        }
+        let options = GetOptions { range: Some(GetRange::Bounded(range)), ..Default::default() };
+        let result = self.store.get_opts(&path, options).await?;
+        Ok(Download { size, stream: result.into_stream().map_err(StoreError::from).boxed() })
+    }
+
+    async fn write_stream(&self, id: UploadId, mut stream: ByteStream) -> Result<u64> {
+        let upload = self.store.put_multipart(&self.upload_path(id)).await?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size as usize);
+        let mut written = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    writer.abort().await?;
+                    return Err(e);
+                }
+            };
+            writer.wait_for_capacity(2).await?;
+            written += chunk.len() as u64;
+            writer.put(chunk);
+        }
+        writer.finish().await?;
+        Ok(written)
+    }
+
+    async fn delete(&self, id: UploadId, upload: &StoreUpload, staged: &[Staged]) -> Result<()> {
+        let path = self.upload_path(id);
+        if let Some(multipart_id) = &upload.multipart_id
+            && let Err(e) = self.multipart.abort_multipart(&path, multipart_id).await
+        {
+            // Aborting a completed or already aborted upload fails; what matters is that no
+            // parts stay behind, which a later abort or the bucket's lifecycle rule handles.
+            tracing::debug!(upload = %id, error = %e, "abort of the multipart upload failed");
+        }
+        for item in staged {
+            ignore_not_found(self.store.delete(&Path::from(item.key.as_str())).await)?;
+        }
+        // Staged objects no row points to (a request that died before committing).
+        let leftovers: Vec<Path> =
+            self.store.list(Some(&self.key(&format!("staging/{id}")))).map_ok(|m| m.location).try_collect().await?;
+        for key in leftovers {
+            ignore_not_found(self.store.delete(&key).await)?;
+        }
+        ignore_not_found(self.store.delete(&path).await)
+    }
+
+    async fn staged_objects(&self) -> Result<Vec<StagedObject>> {
+        let staging = self.key("staging");
+        let objects: Vec<_> = self.store.list(Some(&staging)).try_collect().await?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|meta| {
+                let key = meta.location.to_string();
+                let relative = key.strip_prefix(&format!("{staging}/"))?;
+                let upload = relative.split('/').next()?.parse().ok()?;
+                Some(StagedObject { upload, key, modified_ms: meta.last_modified.timestamp_millis() })
+            })
+            .collect())
+    }
+
+    async fn delete_staged(&self, key: &str) -> Result<()> {
+        ignore_not_found(self.store.delete(&Path::from(key)).await)
+    }
+
+    async fn presign(&self, id: UploadId, expires_in: Duration) -> Result<Option<String>> {
+        let url = self.signer.signed_url(http::Method::GET, &self.upload_path(id), expires_in).await?;
+        Ok(Some(url.to_string()))
+    }
+
+    fn location(&self, id: UploadId) -> String {
+        format!("{}/uploads/{id}", self.description)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        match self.store.head(&self.key(".ferry-ping")).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+struct ObjectAppender {
+    store: Arc<dyn ObjectStore>,
+    multipart: Arc<dyn MultipartStore>,
+    check: Arc<dyn WriterCheck>,
+    path: Path,
+    staging: Path,
+    multipart_id: String,
+    part_size: u64,
+    generation: i64,
+    /// Index of the next part to upload.
+    next_index: u64,
+    /// Staged bytes (not loaded) that open the next part.
+    staged: Vec<Staged>,
+    staged_len: u64,
+    /// This request's bytes not yet in a part, in arrival order.
+    buffer: VecDeque<Bytes>,
+    buffered: u64,
+    /// Offset of the first buffered byte.
+    buffer_offset: u64,
+    outcome: AppendOutcome,
+}
+
+impl ObjectAppender {
+    /// Uploads the next part: the staged bytes, then `from_buffer` bytes of this request's.
+    async fn upload_part(&mut self, from_buffer: u64) -> Result<()> {
+        if !self.check.is_current().await {
+            return Err(StoreError::Superseded);
+        }
+        let mut chunks: Vec<Bytes> = Vec::new();
+        for staged in &self.staged {
+            let bytes = self.store.get(&Path::from(staged.key.as_str())).await?.bytes().await?;
+            if bytes.len() as u64 != staged.size {
+                return Err(StoreError::Other(format!("staged object {} has the wrong size", staged.key)));
+            }
+            chunks.push(bytes);
+        }
+        let mut needed = from_buffer;
+        while needed > 0 {
+            let Some(mut front) = self.buffer.pop_front() else { break };
+            if front.len() as u64 > needed {
+                let rest = front.split_off(needed as usize);
+                self.buffer.push_front(rest);
+            }
+            needed -= front.len() as u64;
+            chunks.push(front);
+        }
+        let size = self.staged_len + from_buffer;
+        let payload = PutPayload::from_iter(chunks);
+        let part = self.multipart.put_part(&self.path, &self.multipart_id, self.next_index as usize, payload).await?;
+        self.outcome.parts.push(Part { index: self.next_index, size, content_id: part.content_id });
+        self.outcome.consumed.extend(self.staged.drain(..).map(|s| s.key));
+        self.staged_len = 0;
+        self.buffered -= from_buffer;
+        self.buffer_offset += from_buffer;
+        self.next_index += 1;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Appender for ObjectAppender {
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        self.buffered += data.len() as u64;
+        self.buffer.push_back(data);
+        while self.staged_len + self.buffered >= self.part_size {
+            let from_buffer = self.part_size - self.staged_len;
+            self.upload_part(from_buffer).await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>, last: bool) -> Result<AppendOutcome> {
+        if last {
+            if self.staged_len + self.buffered > 0 {
+                let rest = self.buffered;
+                self.upload_part(rest).await?;
+            }
+        } else if self.buffered > 0 {
+            let key = format!("{}/{:020}-{}", self.staging, self.buffer_offset, self.generation);
+            let payload = PutPayload::from_iter(std::mem::take(&mut self.buffer));
+            self.store.put(&Path::from(key.as_str()), payload).await?;
+            self.outcome.staged.push(Staged { key, offset: self.buffer_offset, size: self.buffered });
+        }
+        Ok(self.outcome)
+    }
+}

@@ -1,0 +1,95 @@
+//! Prometheus metrics, one registry per service instance (so tests in one process stay apart).
+
+use std::{sync::Arc, time::Duration};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+type Labels = Vec<(&'static str, String)>;
+type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    // 1 ms to about 65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub uploads_created: Counter,
+    pub uploads_completed: Counter,
+    pub uploads_terminated: Counter,
+    pub uploads_expired: Counter,
+    pub bytes_received: Counter,
+    requests: Histograms,
+    store_operations: Histograms,
+    pool_connections: Gauge,
+    pool_idle: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("ferry");
+        let metrics = Self {
+            uploads_created: Counter::default(),
+            uploads_completed: Counter::default(),
+            uploads_terminated: Counter::default(),
+            uploads_expired: Counter::default(),
+            bytes_received: Counter::default(),
+            requests: Histograms::new_with_constructor(duration_histogram),
+            store_operations: Histograms::new_with_constructor(duration_histogram),
+            pool_connections: Gauge::default(),
+            pool_idle: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("uploads_created", "Uploads created", metrics.uploads_created.clone());
+        registry.register("uploads_completed", "Uploads whose bytes are all stored", metrics.uploads_completed.clone());
+        registry.register("uploads_terminated", "Uploads deleted by their clients", metrics.uploads_terminated.clone());
+        registry.register(
+            "uploads_expired",
+            "Incomplete uploads expired by the sweeper",
+            metrics.uploads_expired.clone(),
+        );
+        registry.register("received_bytes", "Upload bytes received and committed", metrics.bytes_received.clone());
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request duration by route, method and status",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "store_operation_duration_seconds",
+            "Object store operation duration by operation and outcome",
+            metrics.store_operations.clone(),
+        );
+        registry.register("db_pool_connections", "Database connections open", metrics.pool_connections.clone());
+        registry.register("db_pool_idle_connections", "Database connections idle", metrics.pool_idle.clone());
+        Arc::new(Self { registry, ..metrics })
+    }
+
+    pub fn observe_request(&self, route: &str, method: &str, status: u16, elapsed: Duration) {
+        let labels = vec![("route", route.to_string()), ("method", method.to_string()), ("status", status.to_string())];
+        self.requests.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    pub fn observe_store(&self, operation: &'static str, ok: bool, elapsed: Duration) {
+        let labels =
+            vec![("operation", operation.to_string()), ("outcome", if ok { "ok" } else { "error" }.to_string())];
+        self.store_operations.get_or_create(&labels).observe(elapsed.as_secs_f64());
+    }
+
+    /// The metrics in the Prometheus text format, with the pool gauges read now.
+    pub fn render(&self, pool_connections: u32, pool_idle: usize) -> String {
+        self.pool_connections.set(i64::from(pool_connections));
+        self.pool_idle.set(pool_idle as i64);
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}

@@ -7,7 +7,10 @@
 //!   (1.0 means completing an upload costs nothing extra, whatever the file size);
 //! - the server's peak memory growth against the chunk size (bodies are streamed, not buffered).
 //!
-//! `FERRY_BENCH_SIZES` (MiB, comma-separated; default `64,1024`) sets the file sizes.
+//! With `moto_server` on the PATH (or in `tests/clients/.venv`, where `tests/run` installs it), the
+//! same uploads run against an S3 store too, and each S3 row adds the time from the last PATCH's
+//! answer to the upload being downloadable (the multipart completion; it must not grow with the
+//! file). `FERRY_BENCH_SIZES` (MiB, comma-separated; default `64,1024`) sets the file sizes.
 
 use std::{
     io::Write,
@@ -20,6 +23,8 @@ const MIB: usize = 1 << 20;
 struct Server {
     child: Child,
     base: String,
+    /// The S3 endpoint the server stores into, if any.
+    s3: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -30,23 +35,55 @@ impl Drop for Server {
     }
 }
 
-fn start_server() -> Server {
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts ferry on local disk, or on the S3 endpoint `s3` (with its bucket `bench`).
+fn start_server(s3: Option<&str>) -> Server {
     let dir = tempfile::tempdir_in(std::env::var("FERRY_BENCH_DIR").unwrap_or_else(|_| "target".into())).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+    let port = free_port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    command
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir.path())
         .env("FERRY_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start ferry");
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "ferry did not start");
-        std::thread::sleep(Duration::from_millis(20));
+        .stdout(Stdio::null());
+    if let Some(endpoint) = s3 {
+        command
+            .args(["--store", "s3://bench/ferry"])
+            .env("AWS_ENDPOINT", endpoint)
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("AWS_ACCESS_KEY_ID", "bench")
+            .env("AWS_SECRET_ACCESS_KEY", "bench")
+            .env("AWS_REGION", "us-east-1");
     }
-    Server { child, base, _dir: dir }
+    let child = command.spawn().expect("start ferry");
+    wait_for_port(port, "ferry");
+    Server { child, base: format!("http://127.0.0.1:{port}"), s3: s3.map(str::to_string), _dir: dir }
+}
+
+/// moto_server, a real S3 API, from the PATH or tests/clients/.venv.
+fn start_moto() -> Option<(Child, String)> {
+    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/.venv/bin/moto_server");
+    let program = if std::path::Path::new(venv).exists() { venv.to_string() } else { "moto_server".to_string() };
+    let port = free_port();
+    let child = Command::new(program)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    wait_for_port(port, "moto_server");
+    Some((child, format!("http://127.0.0.1:{port}")))
 }
 
 /// Peak resident memory of a process, in bytes (`VmHWM`).
@@ -63,6 +100,8 @@ struct Run {
     seconds: f64,
     first_patch: Duration,
     last_patch: Duration,
+    /// From the last PATCH's answer to the upload being downloadable.
+    completion: Duration,
 }
 
 async fn upload(client: &reqwest::Client, base: &str, size: usize, chunk: usize, data: &[u8]) -> Run {
@@ -101,7 +140,17 @@ async fn upload(client: &reqwest::Client, base: &str, size: usize, chunk: usize,
             last_patch = took;
         }
     }
-    Run { seconds: started.elapsed().as_secs_f64(), first_patch, last_patch }
+    let answered = Instant::now();
+    loop {
+        let ready = client.get(&url).header("Range", "bytes=0-0").send().await.unwrap().status();
+        if ready.is_success() {
+            break;
+        }
+        assert!(answered.elapsed() < Duration::from_secs(600), "the upload never completed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let completion = answered.elapsed();
+    Run { seconds: started.elapsed().as_secs_f64(), first_patch, last_patch, completion }
 }
 
 /// The reference: the same chunks written to a file, with an fsync per chunk as ferry does.
@@ -121,6 +170,33 @@ fn reference_write(dir: &std::path::Path, size: usize, chunk: usize, data: &[u8]
     seconds
 }
 
+/// The S3 reference: the same bytes written straight to the same endpoint as one multipart
+/// upload of 8 MiB parts (what any S3 uploader has to do at least).
+async fn reference_s3(endpoint: &str, size: usize, data: &[u8]) -> f64 {
+    use object_store::{ObjectStoreExt, WriteMultipart, aws::AmazonS3Builder, path::Path};
+    let s3 = AmazonS3Builder::new()
+        .with_endpoint(endpoint)
+        .with_allow_http(true)
+        .with_bucket_name("bench")
+        .with_region("us-east-1")
+        .with_access_key_id("bench")
+        .with_secret_access_key("bench")
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let upload = s3.put_multipart(&Path::from("reference.bin")).await.unwrap();
+    let mut writer = WriteMultipart::new_with_chunk_size(upload, 8 * MIB);
+    let mut offset = 0;
+    while offset < size {
+        let len = (8 * MIB).min(size - offset);
+        writer.wait_for_capacity(1).await.unwrap();
+        writer.write(&data[..len]);
+        offset += len;
+    }
+    writer.finish().await.unwrap();
+    started.elapsed().as_secs_f64()
+}
+
 #[tokio::main]
 async fn main() {
     // `cargo test --all-targets` runs benches once as tests, without `--bench`: nothing to do then.
@@ -133,23 +209,68 @@ async fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let data: Vec<u8> = (0..8 * MIB).map(|i| (i * 31 % 251) as u8).collect();
-    let server = start_server();
     let client = reqwest::Client::new();
     let scratch = tempfile::tempdir_in("target").unwrap();
-    let baseline_rss = peak_rss(server.child.id());
-
     println!(
-        "{:>8} {:>7} {:>10} {:>10} {:>8} {:>12} {:>12} {:>8}",
-        "file", "chunk", "ferry", "reference", "ratio", "first PATCH", "last PATCH", "last/first"
+        "{:>6} {:>8} {:>6} {:>10} {:>10} {:>6} {:>11} {:>11} {:>10} {:>11}",
+        "store",
+        "file",
+        "chunk",
+        "ferry",
+        "reference",
+        "ratio",
+        "first PATCH",
+        "last PATCH",
+        "last/first",
+        "completion"
     );
-    for &size_mib in &sizes {
+
+    let server = start_server(None);
+    let baseline_rss = peak_rss(server.child.id());
+    rows(&client, &server, "disk", &sizes, &data, scratch.path()).await;
+    let peak = peak_rss(server.child.id());
+    drop(server);
+
+    match start_moto() {
+        Some((mut moto, endpoint)) => {
+            let created = client.put(format!("{endpoint}/bench")).send().await.unwrap();
+            assert!(created.status().is_success(), "could not create the bench bucket");
+            let server = start_server(Some(&endpoint));
+            rows(&client, &server, "s3", &sizes, &data, scratch.path()).await;
+            drop(server);
+            let _ = moto.kill();
+            let _ = moto.wait();
+        }
+        None => println!("(no S3 rows: moto_server is not installed; `bash tests/run` installs it)"),
+    }
+    println!(
+        "disk server peak RSS: {:.1} MiB at start, {:.1} MiB after all uploads; growth / largest chunk (8 MiB) = {:.2}",
+        baseline_rss as f64 / MIB as f64,
+        peak as f64 / MIB as f64,
+        peak.saturating_sub(baseline_rss) as f64 / (8 * MIB) as f64
+    );
+}
+
+async fn rows(
+    client: &reqwest::Client,
+    server: &Server,
+    store: &str,
+    sizes: &[usize],
+    data: &[u8],
+    scratch: &std::path::Path,
+) {
+    for &size_mib in sizes {
         for chunk_mib in [1usize, 8] {
             let (size, chunk) = (size_mib * MIB, chunk_mib * MIB);
-            let run = upload(&client, &server.base, size, chunk, &data).await;
-            let reference = reference_write(scratch.path(), size, chunk, &data);
+            let run = upload(client, &server.base, size, chunk, data).await;
+            let reference = match &server.s3 {
+                None => reference_write(scratch, size, chunk, data),
+                Some(endpoint) => reference_s3(endpoint, size, data).await,
+            };
             let rate = |s: f64| size as f64 / MIB as f64 / s;
             println!(
-                "{:>5}MiB {:>4}MiB {:>6.0}MB/s {:>6.0}MB/s {:>8.2} {:>10.1}ms {:>10.1}ms {:>8.2}",
+                "{:>6} {:>5}MiB {:>3}MiB {:>6.0}MB/s {:>6.0}MB/s {:>6.2} {:>9.1}ms {:>9.1}ms {:>10.2} {:>9.1}ms",
+                store,
                 size_mib,
                 chunk_mib,
                 rate(run.seconds),
@@ -158,14 +279,8 @@ async fn main() {
                 run.first_patch.as_secs_f64() * 1000.0,
                 run.last_patch.as_secs_f64() * 1000.0,
                 run.last_patch.as_secs_f64() / run.first_patch.as_secs_f64(),
+                run.completion.as_secs_f64() * 1000.0,
             );
         }
     }
-    let peak = peak_rss(server.child.id());
-    println!(
-        "server peak RSS: {:.1} MiB at start, {:.1} MiB after all uploads; growth / largest chunk (8 MiB) = {:.2}",
-        baseline_rss as f64 / MIB as f64,
-        peak as f64 / MIB as f64,
-        peak.saturating_sub(baseline_rss) as f64 / (8 * MIB) as f64
-    );
 }

@@ -103,6 +103,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// On SIGTERM, how long requests in flight may go on before the appends still running keep
+    /// what arrived and end (Kubernetes sends SIGKILL 30 s after SIGTERM by default).
+    #[arg(long, env = "FERRY_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
     /// How often the background sweeper looks for expired uploads and leftover bytes.
     #[arg(long, env = "FERRY_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub sweep_interval: Duration,

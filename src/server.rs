@@ -24,8 +24,8 @@ use crate::{
 /// Largest buffer hyper keeps per connection; request headers larger than this get 431.
 pub const MAX_HEADER_BUFFER: usize = 128 * 1024;
 
-/// How long in-flight requests may run after a shutdown signal before connections are closed.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+/// After the grace period, how long appends get to save what arrived and answer.
+const FINAL_DRAIN: Duration = Duration::from_secs(5);
 
 /// A built service: the domain and the router over it.
 pub struct App {
@@ -89,7 +89,7 @@ pub async fn launch(
             let _ = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
         });
     }
-    let service = tower::ServiceBuilder::new().map_request(http::method_override).service(app.router);
+    let service = tower::ServiceBuilder::new().map_request(http::method_override).service(app.router.clone());
     let service = TowerToHyperService::new(service);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -127,9 +127,18 @@ pub async fn launch(
     drop(listener);
     tracing::info!("shutting down: no new connections; waiting for requests in flight");
     background.cancel();
+    let drained = graceful.shutdown();
+    tokio::pin!(drained);
     tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(SHUTDOWN_GRACE) => tracing::warn!("requests still running after the grace period were cut off"),
+        () = &mut drained => {}
+        () = tokio::time::sleep(args.shutdown_grace) => {
+            tracing::info!("grace period over: appends still running keep what arrived and end");
+            app.uploads.stop_appends();
+            tokio::select! {
+                () = &mut drained => {}
+                () = tokio::time::sleep(FINAL_DRAIN) => tracing::warn!("connections still open were closed"),
+            }
+        }
     }
     for worker in workers {
         let _ = worker.await;

@@ -50,6 +50,7 @@ impl ApiError {
                     StatusCode::from_u16(CHECKSUM_MISMATCH).expect("460 is a valid status")
                 }
                 UploadError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+                UploadError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
                 UploadError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
@@ -77,6 +78,10 @@ impl IntoResponse for ApiError {
             }
             Self::UnsupportedVersion(_) => {
                 headers.insert("tus-version", HeaderValue::from_static(super::tus::TUS_VERSION));
+            }
+            Self::Upload(UploadError::ShuttingDown) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             Self::RangeNotSatisfiable(size) => {
                 if let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}")) {

@@ -11,6 +11,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, stream::BoxStream};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     repo::{AppendCommit, NewUpload, Repo, RepoError, UploadRow},
@@ -67,6 +68,8 @@ pub enum UploadError {
     BodyTimeout(Duration),
     #[error("the request body was cut off: {0}")]
     BodyCutOff(String),
+    #[error("the server is shutting down; the bytes received so far were kept: resume from Upload-Offset")]
+    ShuttingDown,
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -184,11 +187,26 @@ pub struct Uploads {
     /// Wakes this instance's completion worker early; other instances find the job by polling.
     completion_wanted: Arc<Notify>,
     metrics: Arc<Metrics>,
+    /// Cancelled when the instance shuts down: appends still running keep what arrived and end.
+    stopping: CancellationToken,
 }
 
 impl Uploads {
     pub fn new(repo: Arc<dyn Repo>, store: Arc<dyn Store>, settings: Settings, metrics: Arc<Metrics>) -> Self {
-        Self { repo, store, settings, completion_wanted: Arc::new(Notify::new()), metrics }
+        Self {
+            repo,
+            store,
+            settings,
+            completion_wanted: Arc::new(Notify::new()),
+            metrics,
+            stopping: CancellationToken::new(),
+        }
+    }
+
+    /// Ends the appends still running (at shutdown): each keeps what arrived, commits it and
+    /// answers 503, so its client resumes elsewhere from the saved offset.
+    pub fn stop_appends(&self) {
+        self.stopping.cancel();
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -378,7 +396,8 @@ impl Uploads {
         // These bytes complete the upload when they reach its (known) length.
         let completes_after = length.map(|l| l - request.offset);
         let received =
-            receive(body, appender, hasher, request.checksum, remaining, completes_after, idle_timeout).await?;
+            receive(body, appender, hasher, request.checksum, remaining, completes_after, idle_timeout, &self.stopping)
+                .await?;
 
         let to_offset = request.offset + received.bytes;
         // A checksum vouches for a whole body: a cut-off or mismatching body is discarded.
@@ -417,12 +436,17 @@ impl Uploads {
             }
         }
         if needs_assembly {
-            // Complete the multipart upload now (no byte is copied); if that fails, the
-            // background job retries it, from this instance or another.
-            if let Err(e) = self.finish_parts(request.id, &row.store).await {
-                tracing::warn!(upload = %request.id, error = %e, "completing the upload failed; retrying in the background");
-                self.completion_wanted.notify_one();
-            }
+            // Complete the multipart upload (no byte is copied) without holding up the answer:
+            // the store's side of completing may grow with the file. The state is durable, so if
+            // this fails or the instance dies, the background job finishes it on any instance.
+            let uploads = self.clone();
+            let store = row.store.clone();
+            tokio::spawn(async move {
+                if let Err(e) = uploads.finish_parts(request.id, &store).await {
+                    tracing::warn!(upload = %request.id, error = %e, "completing the upload failed; retrying in the background");
+                    uploads.completion_wanted.notify_one();
+                }
+            });
         } else if completes {
             self.metrics.uploads_completed.inc();
             tracing::info!(upload = %request.id, length = to_offset, "upload completed");
@@ -611,6 +635,8 @@ enum Ending {
     Complete,
     TimedOut,
     CutOff(String),
+    /// The instance is shutting down.
+    Stopped,
 }
 
 impl Ending {
@@ -619,6 +645,7 @@ impl Ending {
             Ending::Complete => None,
             Ending::TimedOut => Some(UploadError::BodyTimeout(idle_timeout)),
             Ending::CutOff(reason) => Some(UploadError::BodyCutOff(reason)),
+            Ending::Stopped => Some(UploadError::ShuttingDown),
         }
     }
 }
@@ -655,6 +682,7 @@ async fn receive(
     remaining: u64,
     completes_after: Option<u64>,
     idle_timeout: Duration,
+    stopping: &CancellationToken,
 ) -> Result<Received> {
     // With a trailer, the algorithm is only known after the body, so every supported one runs.
     let mut chunk_hashers: Vec<ChecksumHasher> = match &plan {
@@ -669,7 +697,11 @@ async fn receive(
     let mut buffer = BytesMut::with_capacity(WRITE_BUFFER);
     let mut bytes: u64 = 0;
     let ending = loop {
-        let event = match tokio::time::timeout(idle_timeout, body.next()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout(idle_timeout, body.next()) => next,
+            () = stopping.cancelled() => break Ending::Stopped,
+        };
+        let event = match next {
             Err(_) => break Ending::TimedOut,
             Ok(None) => break Ending::Complete,
             Ok(Some(Err(reason))) => break Ending::CutOff(reason),

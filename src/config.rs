@@ -23,6 +23,44 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Apply database migrations and exit (`serve` applies them at start too).
     Migrate(DatabaseArgs),
+    /// Inspect and redeliver webhook events.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsCommand {
+    /// List events, newest first.
+    List {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// Only events in this state.
+        #[arg(long, value_enum)]
+        state: Option<EventStateArg>,
+        /// How many to show.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Make events due for delivery again: one by its id, or every dead one with `--dead`.
+    Retry {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        /// The event's id (`evt_...`, the webhook-id).
+        #[arg(required_unless_present = "dead", conflicts_with = "dead")]
+        id: Option<String>,
+        /// Retry every dead event.
+        #[arg(long)]
+        dead: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventStateArg {
+    Pending,
+    Delivered,
+    Dead,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -71,6 +109,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_DOWNLOAD", value_enum, default_value_t = DownloadMode::Stream)]
     pub download: DownloadMode,
 
+    /// The URL clients reach ferry at, e.g. `https://uploads.example.com` (used for download URLs
+    /// in webhook events). Default: `http://<listen>`.
+    #[arg(long, env = "FERRY_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
     /// URL path under which the tus endpoint lives; uploads are `<base-path><id>`.
     #[arg(long, env = "FERRY_BASE_PATH", default_value = "/files/", value_parser = parse_base_path)]
     pub base_path: String,
@@ -108,6 +151,28 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Where events (upload.created, upload.completed, upload.terminated, upload.expired) are
+    /// POSTed. Without it, events are still recorded (see `ferry events list`).
+    #[arg(long, env = "FERRY_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+
+    /// Signing secret(s), `whsec_<base64>` (Standard Webhooks). Give two, comma-separated, while
+    /// rotating: each delivery is signed with both.
+    #[arg(long, env = "FERRY_WEBHOOK_SECRET", value_delimiter = ',', hide_env_values = true, value_parser = parse_secret)]
+    pub webhook_secret: Vec<crate::hooks::Secret>,
+
+    /// How long one delivery may take before it counts as failed.
+    #[arg(long, env = "FERRY_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub webhook_timeout: Duration,
+
+    /// How long an event is retried before it is marked dead.
+    #[arg(long, env = "FERRY_WEBHOOK_RETRY_BUDGET", default_value = "24h", value_parser = parse_duration)]
+    pub webhook_retry_budget: Duration,
+
+    /// Delay before the first retry; it doubles with each attempt (up to an hour), with jitter.
+    #[arg(long, env = "FERRY_WEBHOOK_RETRY_MIN", default_value = "1s", value_parser = parse_duration)]
+    pub webhook_retry_min: Duration,
+
     /// How often the background sweeper looks for expired uploads and leftover bytes.
     #[arg(long, env = "FERRY_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
@@ -120,6 +185,10 @@ pub enum DownloadMode {
 }
 
 impl ServeArgs {
+    pub fn public_url(&self) -> String {
+        self.public_url.clone().unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
     /// The store location in force, with the local default filled in.
     pub fn store_url(&self) -> String {
         match &self.store {
@@ -127,6 +196,10 @@ impl ServeArgs {
             None => self.database.data_dir.join("store").display().to_string(),
         }
     }
+}
+
+fn parse_secret(value: &str) -> Result<crate::hooks::Secret, String> {
+    crate::hooks::Secret::parse(value)
 }
 
 fn parse_base_path(value: &str) -> Result<String, String> {

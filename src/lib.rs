@@ -4,6 +4,7 @@
 //! (metadata and offsets, PostgreSQL or SQLite) and [`store`] (bytes, on object_store).
 
 pub mod config;
+pub mod hooks;
 pub mod http;
 pub mod repo;
 pub mod server;

@@ -1,5 +1,6 @@
 use clap::Parser;
-use ferry::config::{Cli, Command};
+use ferry::config::{Cli, Command, EventStateArg, EventsCommand};
+use ferry::repo::EventState;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -16,6 +17,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Serve(args)) => serve(*args).await,
+        Some(Command::Events { command }) => events(command).await,
         None => serve(cli.serve).await,
     }
 }
@@ -41,5 +43,46 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+async fn events(command: EventsCommand) -> anyhow::Result<()> {
+    match command {
+        EventsCommand::List { database, state, limit } => {
+            let repo = ferry::server::open_database(&database).await?;
+            let state = state.map(|s| match s {
+                EventStateArg::Pending => EventState::Pending,
+                EventStateArg::Delivered => EventState::Delivered,
+                EventStateArg::Dead => EventState::Dead,
+            });
+            println!("{:<36} {:<18} {:<32} {:<9} {:>8}  last error", "id", "type", "upload", "state", "attempts");
+            for event in repo.list_events(state, limit).await? {
+                let state = match event.state() {
+                    EventState::Pending => "pending",
+                    EventState::Delivered => "delivered",
+                    EventState::Dead => "dead",
+                };
+                println!(
+                    "{:<36} {:<18} {:<32} {:<9} {:>8}  {}",
+                    event.id,
+                    event.event_type,
+                    event.upload_id,
+                    state,
+                    event.attempts,
+                    event.last_error.unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        EventsCommand::Retry { database, id, dead } => {
+            let repo = ferry::server::open_database(&database).await?;
+            let target = if dead { None } else { id.as_deref() };
+            let count = repo.retry_events(target, ferry::uploads::now_ms()).await?;
+            println!("{count} event(s) due for delivery again");
+            if count == 0 && target.is_some() {
+                anyhow::bail!("no undelivered event with that id");
+            }
+            Ok(())
+        }
     }
 }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::ServeArgs,
+    hooks::{Dispatcher, WebhookSettings},
     http::{self, AppState},
     repo::{self, Repo},
     store::{self, Instrumented, ObjectStoreOptions, Store},
@@ -45,6 +46,8 @@ impl App {
             expire_after: args.expire_after,
             idle_timeout: args.idle_timeout,
             sweep_interval: args.sweep_interval,
+            public_url: args.public_url(),
+            base_path: args.base_path.clone(),
         };
         let metrics = Metrics::new();
         let store: Arc<dyn Store> = Arc::new(Instrumented::new(store, metrics.clone()));
@@ -78,7 +81,18 @@ pub async fn launch(
 ) -> anyhow::Result<()> {
     let app = App::build(&args).await?;
     let background = CancellationToken::new();
-    let workers = crate::uploads::spawn_background(app.uploads.clone(), background.clone());
+    let mut workers = crate::uploads::spawn_background(app.uploads.clone(), background.clone());
+    let webhooks = WebhookSettings {
+        url: args.webhook_url.clone(),
+        secrets: args.webhook_secret.clone(),
+        timeout: args.webhook_timeout,
+        retry_budget: args.webhook_retry_budget,
+        retry_min: args.webhook_retry_min,
+    };
+    if webhooks.url.is_some() && webhooks.secrets.is_empty() {
+        tracing::warn!("webhooks are sent unsigned: set --webhook-secret so the receiver can verify them");
+    }
+    workers.extend(Dispatcher::new(app.uploads.repo().clone(), webhooks)?.spawn(background.clone()));
 
     if let Some(address) = args.metrics_listen {
         let listener = TcpListener::bind(address).await.with_context(|| format!("could not listen on {address}"))?;

@@ -82,6 +82,8 @@ pub struct AppendCommit {
     pub length: Option<u64>,
     /// Set when this append completes the upload.
     pub sha256: Option<[u8; 32]>,
+    /// Events caused by this append (`upload.completed`), committed with it.
+    pub events: Vec<NewEvent>,
     /// The upload is complete but its store still has to assemble the parts: state `completing`.
     pub needs_assembly: bool,
     /// Parts and staged objects made durable by this append.
@@ -101,7 +103,8 @@ pub trait Repo: Send + Sync + 'static {
     /// Connections open and idle in the pool.
     fn pool_stats(&self) -> (u32, usize);
 
-    async fn insert(&self, upload: &NewUpload) -> Result<()>;
+    /// Inserts an upload and the events its creation causes, in one transaction.
+    async fn insert(&self, upload: &NewUpload, events: &[NewEvent]) -> Result<()>;
 
     async fn get(&self, id: UploadId) -> Result<Option<UploadRow>>;
 
@@ -132,10 +135,14 @@ pub trait Repo: Send + Sync + 'static {
 
     /// Marks an upload terminated unless it is gone already or a final upload still being
     /// assembled reads from it. Returns false when nothing changed.
-    async fn terminate(&self, id: UploadId, now: i64) -> Result<bool>;
+    async fn terminate(&self, id: UploadId, now: i64, events: &[NewEvent]) -> Result<bool>;
 
-    /// Marks receiving uploads whose expiry passed as expired, returning their ids.
-    async fn expire_due(&self, now: i64, limit: i64) -> Result<Vec<UploadId>>;
+    /// Receiving uploads whose expiry passed.
+    async fn expiring(&self, now: i64, limit: i64) -> Result<Vec<UploadRow>>;
+
+    /// Marks a receiving upload whose expiry passed as expired, with its events; false if it
+    /// moved on meanwhile.
+    async fn expire(&self, id: UploadId, now: i64, events: &[NewEvent]) -> Result<bool>;
 
     /// Terminated or expired uploads whose bytes still have to be deleted.
     async fn pending_deletions(&self, limit: i64) -> Result<Vec<UploadId>>;
@@ -153,7 +160,79 @@ pub trait Repo: Send + Sync + 'static {
 
     /// Marks a completing upload completed with its bytes assembled (and its SHA-256, when
     /// that was not known before).
-    async fn finish_completion(&self, id: UploadId, sha256: Option<[u8; 32]>, now: i64) -> Result<bool>;
+    async fn finish_completion(
+        &self,
+        id: UploadId,
+        sha256: Option<[u8; 32]>,
+        now: i64,
+        events: &[NewEvent],
+    ) -> Result<bool>;
+
+    /// Takes the next event due for delivery: the oldest undelivered one of its upload (events
+    /// of one upload go out in order), not held by another instance's lease.
+    async fn claim_event(&self, now: i64, lease_until: i64) -> Result<Option<EventRow>>;
+
+    /// Records the outcome of a delivery attempt of a claimed event.
+    async fn settle_event(&self, seq: i64, outcome: &EventOutcome) -> Result<()>;
+
+    /// Events, newest first, optionally only those in one state.
+    async fn list_events(&self, state: Option<EventState>, limit: i64) -> Result<Vec<EventRow>>;
+
+    /// Makes events due again (dead or pending): one by id, or all dead ones. Returns how many.
+    async fn retry_events(&self, id: Option<&str>, now: i64) -> Result<u64>;
+}
+
+/// An event to record in the outbox with the state change that causes it.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// The `webhook-id`: stable across redeliveries.
+    pub id: String,
+    pub upload_id: UploadId,
+    pub event_type: String,
+    /// The JSON body delivered.
+    pub payload: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventState {
+    Pending,
+    Delivered,
+    Dead,
+}
+
+/// An event as stored in the outbox.
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    pub seq: i64,
+    pub id: String,
+    pub upload_id: UploadId,
+    pub event_type: String,
+    pub payload: String,
+    pub created_at: i64,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub delivered_at: Option<i64>,
+    pub dead_at: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+impl EventRow {
+    pub fn state(&self) -> EventState {
+        match (self.delivered_at, self.dead_at) {
+            (Some(_), _) => EventState::Delivered,
+            (None, Some(_)) => EventState::Dead,
+            (None, None) => EventState::Pending,
+        }
+    }
+}
+
+/// How a delivery attempt ended.
+#[derive(Debug, Clone)]
+pub enum EventOutcome {
+    Delivered { at: i64 },
+    Retry { at: i64, error: String },
+    Dead { at: i64, error: String },
 }
 
 /// Connects to the database named by `url` (`postgres://` or `sqlite://`).

@@ -13,7 +13,10 @@ use sqlx::{
 };
 use uuid::Uuid;
 
-use super::{AppendCommit, AppendLease, NewUpload, Repo, RepoError, Result, UploadRow};
+use super::{
+    AppendCommit, AppendLease, EventOutcome, EventRow, EventState, NewEvent, NewUpload, Repo, RepoError, Result,
+    UploadRow,
+};
 use crate::{
     store::{Part, Staged, StoreUpload},
     uploads::types::{Concat, Metadata, UploadId, UploadState},
@@ -128,8 +131,55 @@ where
     })
 }
 
+/// Inserts outbox events inside an open transaction.
+macro_rules! insert_events {
+    ($tx:ident, $events:expr) => {
+        for event in $events {
+            sqlx::query(
+                "INSERT INTO events (id, upload_id, event_type, payload, created_at, next_attempt_at) \
+                 VALUES ($1, $2, $3, $4, $5, $5)",
+            )
+            .bind(&event.id)
+            .bind(event.upload_id.uuid())
+            .bind(&event.event_type)
+            .bind(&event.payload)
+            .bind(event.created_at)
+            .execute(&mut *$tx)
+            .await?;
+        }
+    };
+}
+
+const EVENT_COLUMNS: &str = "seq, id, upload_id, event_type, payload, created_at, attempts, next_attempt_at, \
+                             delivered_at, dead_at, last_error";
+
+fn decode_event<R>(row: &R) -> Result<EventRow>
+where
+    R: Row,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> Uuid: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> i32: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(EventRow {
+        seq: row.try_get("seq")?,
+        id: row.try_get("id")?,
+        upload_id: UploadId::from_uuid(row.try_get("upload_id")?),
+        event_type: row.try_get("event_type")?,
+        payload: row.try_get("payload")?,
+        created_at: row.try_get("created_at")?,
+        attempts: i64::from(row.try_get::<i32, _>("attempts")?),
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        delivered_at: row.try_get("delivered_at")?,
+        dead_at: row.try_get("dead_at")?,
+        last_error: row.try_get("last_error")?,
+    })
+}
+
 macro_rules! sql_repo {
-    ($repo:ty, $migrations:literal) => {
+    ($repo:ty, $migrations:literal, $skip_locked:literal) => {
+
         #[async_trait]
         impl Repo for $repo {
             async fn migrate(&self) -> Result<()> {
@@ -146,8 +196,9 @@ macro_rules! sql_repo {
                 (self.pool.size(), self.pool.num_idle())
             }
 
-            async fn insert(&self, upload: &NewUpload) -> Result<()> {
+            async fn insert(&self, upload: &NewUpload, events: &[NewEvent]) -> Result<()> {
                 let (concat, concat_parts) = concat_columns(&upload.concat);
+                let mut tx = self.pool.begin().await?;
                 sqlx::query(
                     "INSERT INTO uploads (id, length, upload_offset, metadata, state, concat, concat_parts, \
                      hash_state, sha256, owner, created_at, updated_at, expires_at, multipart_id, part_size) \
@@ -167,8 +218,10 @@ macro_rules! sql_repo {
                 .bind(upload.expires_at)
                 .bind(&upload.store.multipart_id)
                 .bind(upload.store.part_size.map(to_i64))
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
+                insert_events!(tx, events);
+                tx.commit().await?;
                 Ok(())
             }
 
@@ -261,6 +314,7 @@ macro_rules! sql_repo {
                     .execute(&mut *tx)
                     .await?;
                 }
+                insert_events!(tx, &c.events);
                 tx.commit().await?;
                 Ok(true)
             }
@@ -308,7 +362,8 @@ macro_rules! sql_repo {
                     .collect()
             }
 
-            async fn terminate(&self, id: UploadId, now: i64) -> Result<bool> {
+            async fn terminate(&self, id: UploadId, now: i64, events: &[NewEvent]) -> Result<bool> {
+                let mut tx = self.pool.begin().await?;
                 let result = sqlx::query(
                     "UPDATE uploads SET state = 'terminated', updated_at = $2, expires_at = NULL, \
                      write_gen = write_gen + 1 \
@@ -319,23 +374,44 @@ macro_rules! sql_repo {
                 .bind(id.uuid())
                 .bind(now)
                 .bind(id.to_string())
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
-                Ok(result.rows_affected() == 1)
+                if result.rows_affected() != 1 {
+                    return Ok(false);
+                }
+                insert_events!(tx, events);
+                tx.commit().await?;
+                Ok(true)
             }
 
-            async fn expire_due(&self, now: i64, limit: i64) -> Result<Vec<UploadId>> {
-                let rows = sqlx::query(
-                    "UPDATE uploads SET state = 'expired', updated_at = $1, write_gen = write_gen + 1 \
-                     WHERE id IN (SELECT id FROM uploads WHERE state = 'receiving' AND expires_at < $1 LIMIT $2) \
-                     AND state = 'receiving' AND expires_at < $1 \
-                     RETURNING id",
-                )
+            async fn expiring(&self, now: i64, limit: i64) -> Result<Vec<UploadRow>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {COLUMNS} FROM uploads WHERE state = 'receiving' AND expires_at < $1 \
+                     ORDER BY expires_at LIMIT $2"
+                ))
                 .bind(now)
                 .bind(limit)
                 .fetch_all(&self.pool)
                 .await?;
-                rows.iter().map(|row| Ok(UploadId::from_uuid(row.try_get("id")?))).collect()
+                rows.iter().map(decode).collect()
+            }
+
+            async fn expire(&self, id: UploadId, now: i64, events: &[NewEvent]) -> Result<bool> {
+                let mut tx = self.pool.begin().await?;
+                let result = sqlx::query(
+                    "UPDATE uploads SET state = 'expired', updated_at = $2, write_gen = write_gen + 1 \
+                     WHERE id = $1 AND state = 'receiving' AND expires_at < $2",
+                )
+                .bind(id.uuid())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                if result.rows_affected() != 1 {
+                    return Ok(false);
+                }
+                insert_events!(tx, events);
+                tx.commit().await?;
+                Ok(true)
             }
 
             async fn pending_deletions(&self, limit: i64) -> Result<Vec<UploadId>> {
@@ -395,7 +471,14 @@ macro_rules! sql_repo {
                 Ok(result.rows_affected() == 1)
             }
 
-            async fn finish_completion(&self, id: UploadId, sha256: Option<[u8; 32]>, now: i64) -> Result<bool> {
+            async fn finish_completion(
+                &self,
+                id: UploadId,
+                sha256: Option<[u8; 32]>,
+                now: i64,
+                events: &[NewEvent],
+            ) -> Result<bool> {
+                let mut tx = self.pool.begin().await?;
                 let result = sqlx::query(
                     "UPDATE uploads SET state = 'completed', upload_offset = length, sha256 = COALESCE($2, sha256), \
                      claimed_until = NULL, updated_at = $3, expires_at = NULL \
@@ -404,13 +487,98 @@ macro_rules! sql_repo {
                 .bind(id.uuid())
                 .bind(sha256.map(|h| h.to_vec()))
                 .bind(now)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await?;
-                Ok(result.rows_affected() == 1)
+                if result.rows_affected() != 1 {
+                    return Ok(false);
+                }
+                insert_events!(tx, events);
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn claim_event(&self, now: i64, lease_until: i64) -> Result<Option<EventRow>> {
+                let row = sqlx::query(&format!(
+                    "UPDATE events SET claimed_until = $2, attempts = attempts + 1 \
+                     WHERE seq = (SELECT e.seq FROM events e \
+                                  WHERE e.delivered_at IS NULL AND e.dead_at IS NULL AND e.next_attempt_at <= $1 \
+                                  AND (e.claimed_until IS NULL OR e.claimed_until < $1) \
+                                  AND NOT EXISTS (SELECT 1 FROM events p WHERE p.upload_id = e.upload_id \
+                                                  AND p.seq < e.seq AND p.delivered_at IS NULL AND p.dead_at IS NULL) \
+                                  ORDER BY e.seq LIMIT 1 {}) \
+                     AND delivered_at IS NULL AND dead_at IS NULL \
+                     AND (claimed_until IS NULL OR claimed_until < $1) \
+                     RETURNING {EVENT_COLUMNS}",
+                    $skip_locked
+                ))
+                .bind(now)
+                .bind(lease_until)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.as_ref().map(decode_event).transpose()
+            }
+
+            async fn settle_event(&self, seq: i64, outcome: &EventOutcome) -> Result<()> {
+                let query = match outcome {
+                    EventOutcome::Delivered { at } => sqlx::query(
+                        "UPDATE events SET delivered_at = $2, claimed_until = NULL, last_error = NULL WHERE seq = $1",
+                    )
+                    .bind(seq)
+                    .bind(*at),
+                    EventOutcome::Retry { at, error } => sqlx::query(
+                        "UPDATE events SET next_attempt_at = $2, claimed_until = NULL, last_error = $3 WHERE seq = $1",
+                    )
+                    .bind(seq)
+                    .bind(*at)
+                    .bind(error.as_str()),
+                    EventOutcome::Dead { at, error } => sqlx::query(
+                        "UPDATE events SET dead_at = $2, claimed_until = NULL, last_error = $3 WHERE seq = $1",
+                    )
+                    .bind(seq)
+                    .bind(*at)
+                    .bind(error.as_str()),
+                };
+                query.execute(&self.pool).await?;
+                Ok(())
+            }
+
+            async fn list_events(&self, state: Option<EventState>, limit: i64) -> Result<Vec<EventRow>> {
+                let filter = match state {
+                    None => "TRUE",
+                    Some(EventState::Pending) => "delivered_at IS NULL AND dead_at IS NULL",
+                    Some(EventState::Delivered) => "delivered_at IS NOT NULL",
+                    Some(EventState::Dead) => "dead_at IS NOT NULL AND delivered_at IS NULL",
+                };
+                let rows = sqlx::query(&format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE {filter} ORDER BY seq DESC LIMIT $1"
+                ))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(decode_event).collect()
+            }
+
+            async fn retry_events(&self, id: Option<&str>, now: i64) -> Result<u64> {
+                let query = match id {
+                    Some(id) => sqlx::query(
+                        "UPDATE events SET dead_at = NULL, next_attempt_at = $2, claimed_until = NULL \
+                         WHERE id = $1 AND delivered_at IS NULL",
+                    )
+                    .bind(id.to_string())
+                    .bind(now),
+                    None => sqlx::query(
+                        "UPDATE events SET dead_at = NULL, next_attempt_at = $1, claimed_until = NULL \
+                         WHERE dead_at IS NOT NULL AND delivered_at IS NULL",
+                    )
+                    .bind(now),
+                };
+                Ok(query.execute(&self.pool).await?.rows_affected())
             }
         }
     };
 }
 
-sql_repo!(PgRepo, "migrations/postgres");
-sql_repo!(SqliteRepo, "migrations/sqlite");
+// PostgreSQL lets dispatchers on several instances skip each other's rows; SQLite serialises
+// writers anyway.
+sql_repo!(PgRepo, "migrations/postgres", "FOR UPDATE SKIP LOCKED");
+sql_repo!(SqliteRepo, "migrations/sqlite", "");

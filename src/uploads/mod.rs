@@ -1,5 +1,6 @@
 //! The domain: create, append, complete, terminate, expire. No HTTP or SQL types here.
 
+pub mod events;
 pub mod types;
 mod worker;
 
@@ -14,10 +15,11 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    repo::{AppendCommit, NewUpload, Repo, RepoError, UploadRow},
+    repo::{AppendCommit, NewEvent, NewUpload, Repo, RepoError, UploadRow},
     store::{AppendContext, Download, Store, StoreError, StoreUpload, WriterCheck},
     telemetry::Metrics,
 };
+use events::EventKind;
 use types::{
     Checksum, ChecksumAlgorithm, ChecksumHasher, ChecksumPlan, Concat, FileHasher, Metadata, UploadId, UploadState,
 };
@@ -44,6 +46,9 @@ pub struct Settings {
     pub expire_after: Duration,
     pub idle_timeout: Duration,
     pub sweep_interval: Duration,
+    /// The URL clients reach ferry at (for download URLs in events), without the base path.
+    pub public_url: String,
+    pub base_path: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +160,28 @@ pub struct Upload {
     pub expires_at: Option<i64>,
 }
 
+impl From<&NewUpload> for UploadRow {
+    fn from(new: &NewUpload) -> Self {
+        let complete = new.state == UploadState::Completed;
+        Self {
+            id: new.id,
+            length: new.length,
+            offset: if complete { new.length.unwrap_or(0) } else { 0 },
+            metadata: new.metadata.clone(),
+            state: new.state,
+            concat: new.concat.clone(),
+            hash_state: new.hash_state.clone(),
+            sha256: new.sha256,
+            owner: new.owner.clone(),
+            write_gen: 0,
+            store: new.store.clone(),
+            created_at: new.now,
+            updated_at: new.now,
+            expires_at: new.expires_at,
+        }
+    }
+}
+
 impl From<UploadRow> for Upload {
     fn from(row: UploadRow) -> Self {
         Self {
@@ -223,6 +250,15 @@ impl Uploads {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Where a completed upload downloads from.
+    pub fn download_url(&self, id: UploadId) -> String {
+        format!("{}{}{id}", self.settings.public_url.trim_end_matches('/'), self.settings.base_path)
+    }
+
+    fn event(&self, kind: EventKind, upload: &UploadRow) -> NewEvent {
+        events::event(kind, upload, self.store.location(upload.id), self.download_url(upload.id))
     }
 
     fn expiry(&self, now: i64) -> i64 {
@@ -303,7 +339,12 @@ impl Uploads {
             now,
             expires_at,
         };
-        if let Err(e) = self.repo.insert(&new).await {
+        let row = UploadRow::from(&new);
+        let mut events = vec![self.event(EventKind::Created, &row)];
+        if state == UploadState::Completed {
+            events.push(self.event(EventKind::Completed, &row));
+        }
+        if let Err(e) = self.repo.insert(&new, &events).await {
             let _ = self.store.delete(id, &new.store, &[]).await;
             return Err(e.into());
         }
@@ -395,9 +436,14 @@ impl Uploads {
         let idle_timeout = self.settings.idle_timeout;
         // These bytes complete the upload when they reach its (known) length.
         let completes_after = length.map(|l| l - request.offset);
-        let received =
-            receive(body, appender, hasher, request.checksum, remaining, completes_after, idle_timeout, &self.stopping)
-                .await?;
+        let received = receive(
+            body,
+            appender,
+            hasher,
+            request.checksum,
+            BodyBounds { remaining, completes_after, idle_timeout, stopping: &self.stopping },
+        )
+        .await?;
 
         let to_offset = request.offset + received.bytes;
         // A checksum vouches for a whole body: a cut-off or mismatching body is discarded.
@@ -412,6 +458,19 @@ impl Uploads {
         let completes = length == Some(to_offset);
         let needs_assembly = completes && !self.store.completes_in_place();
         let consumed = received.outcome.consumed.clone();
+        let sha256 = completes.then(|| received.hasher.clone().finish());
+        let events = if completes && !needs_assembly {
+            let done = UploadRow {
+                offset: to_offset,
+                length: Some(to_offset),
+                sha256,
+                state: UploadState::Completed,
+                ..row.clone()
+            };
+            vec![self.event(EventKind::Completed, &done)]
+        } else {
+            Vec::new()
+        };
         let commit = AppendCommit {
             id: request.id,
             generation: lease.generation,
@@ -419,7 +478,8 @@ impl Uploads {
             to_offset,
             hash_state: received.hasher.save(),
             length: request.length,
-            sha256: completes.then(|| received.hasher.clone().finish()),
+            sha256,
+            events,
             needs_assembly,
             outcome: received.outcome,
             now: now_ms(),
@@ -461,7 +521,10 @@ impl Uploads {
     pub(crate) async fn finish_parts(&self, id: UploadId, store: &StoreUpload) -> anyhow::Result<()> {
         let parts = self.repo.parts(id).await?;
         self.store.complete(id, store, &parts).await?;
-        if self.repo.finish_completion(id, None, now_ms()).await? {
+        let Some(row) = self.repo.get(id).await? else { return Ok(()) };
+        let done = UploadRow { state: UploadState::Completed, offset: row.length.unwrap_or(row.offset), ..row };
+        let events = [self.event(EventKind::Completed, &done)];
+        if self.repo.finish_completion(id, None, now_ms(), &events).await? {
             self.metrics.uploads_completed.inc();
             tracing::info!(upload = %id, parts = parts.len(), "upload completed");
         }
@@ -503,8 +566,9 @@ impl Uploads {
 
     /// Terminates an upload and deletes its bytes.
     pub async fn terminate(&self, id: UploadId) -> Result<()> {
-        self.load(id).await?;
-        if !self.repo.terminate(id, now_ms()).await? {
+        let row = self.load(id).await?;
+        let events = [self.event(EventKind::Terminated, &row)];
+        if !self.repo.terminate(id, now_ms(), &events).await? {
             self.load(id).await?;
             return Err(UploadError::Conflict(
                 "this partial upload is being concatenated into a final upload; try again when that is done".into(),
@@ -576,12 +640,15 @@ impl Uploads {
     pub async fn sweep(&self) -> Result<()> {
         let now = now_ms();
         loop {
-            let expired = self.repo.expire_due(now, 100).await?;
-            for id in &expired {
-                tracing::info!(upload = %id, "upload expired");
+            let due = self.repo.expiring(now, 100).await?;
+            for row in &due {
+                let gone = UploadRow { state: UploadState::Expired, ..row.clone() };
+                if self.repo.expire(row.id, now, &[self.event(EventKind::Expired, &gone)]).await? {
+                    self.metrics.uploads_expired.inc();
+                    tracing::info!(upload = %row.id, "upload expired");
+                }
             }
-            self.metrics.uploads_expired.inc_by(expired.len() as u64);
-            if expired.len() < 100 {
+            if due.len() < 100 {
                 break;
             }
         }
@@ -628,6 +695,15 @@ impl Uploads {
 
 fn empty_sha256() -> [u8; 32] {
     FileHasher::new().finish()
+}
+
+/// What limits a body: how many bytes may come, when they complete the upload, how long it may
+/// stall, and the instance shutting down.
+struct BodyBounds<'a> {
+    remaining: u64,
+    completes_after: Option<u64>,
+    idle_timeout: Duration,
+    stopping: &'a CancellationToken,
 }
 
 /// How a body ended.
@@ -679,11 +755,9 @@ async fn receive(
     mut appender: Box<dyn crate::store::Appender>,
     mut hasher: FileHasher,
     plan: ChecksumPlan,
-    remaining: u64,
-    completes_after: Option<u64>,
-    idle_timeout: Duration,
-    stopping: &CancellationToken,
+    bounds: BodyBounds<'_>,
 ) -> Result<Received> {
+    let BodyBounds { remaining, completes_after, idle_timeout, stopping } = bounds;
     // With a trailer, the algorithm is only known after the body, so every supported one runs.
     let mut chunk_hashers: Vec<ChecksumHasher> = match &plan {
         ChecksumPlan::None => Vec::new(),

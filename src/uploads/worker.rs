@@ -119,7 +119,14 @@ impl Uploads {
             .into_inner()
             .expect("hasher lock")
             .finish();
-        if self.repo.finish_completion(row.id, Some(sha256), now_ms()).await? {
+        let done = crate::repo::UploadRow {
+            state: crate::uploads::types::UploadState::Completed,
+            offset: written,
+            sha256: Some(sha256),
+            ..row.clone()
+        };
+        let events = [self.event(super::events::EventKind::Completed, &done)];
+        if self.repo.finish_completion(row.id, Some(sha256), now_ms(), &events).await? {
             self.metrics.uploads_completed.inc();
             tracing::info!(upload = %row.id, length = written, "final upload completed");
         }

@@ -1,0 +1,19 @@
+-- Transactional outbox: an upload's state change and the event it causes commit together; a
+-- dispatcher on every instance delivers events to the webhook URL until the receiver accepts.
+CREATE TABLE events (
+    seq             BIGSERIAL PRIMARY KEY,           -- delivery order
+    id              TEXT NOT NULL UNIQUE,            -- webhook-id, stable across redeliveries
+    upload_id       UUID NOT NULL,
+    event_type      TEXT NOT NULL,
+    payload         TEXT NOT NULL,                   -- the JSON body, fixed when the event happened
+    created_at      BIGINT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at BIGINT NOT NULL,
+    claimed_until   BIGINT,                          -- lease of the instance delivering it
+    delivered_at    BIGINT,
+    dead_at         BIGINT,                          -- gave up (retry budget spent, or the receiver said 410)
+    last_error      TEXT
+);
+
+CREATE INDEX events_pending ON events (next_attempt_at) WHERE delivered_at IS NULL AND dead_at IS NULL;
+CREATE INDEX events_by_upload ON events (upload_id, seq);

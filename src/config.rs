@@ -173,6 +173,28 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_WEBHOOK_RETRY_MIN", default_value = "1s", value_parser = parse_duration)]
     pub webhook_retry_min: Duration,
 
+    /// HS256 secret shared with the application for upload tokens (JWT). With a token key set,
+    /// every tus request needs `Authorization: Bearer <token>` and uploads are bound to its `sub`.
+    #[arg(long, env = "FERRY_TOKEN_SECRET", hide_env_values = true, conflicts_with = "token_public_key")]
+    pub token_secret: Option<String>,
+
+    /// Ed25519 public key (PEM file) for EdDSA upload tokens, instead of `--token-secret`.
+    #[arg(long, env = "FERRY_TOKEN_PUBLIC_KEY")]
+    pub token_public_key: Option<PathBuf>,
+
+    /// The application's pre-create hook: asked before every upload is created, it allows (and
+    /// may name the owner, add metadata, lower the size limit) or denies with a status and message.
+    #[arg(long, env = "FERRY_PRE_CREATE_URL")]
+    pub pre_create_url: Option<String>,
+
+    /// How long the pre-create hook may take; slower or unreachable means 503, nothing created.
+    #[arg(long, env = "FERRY_PRE_CREATE_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub pre_create_timeout: Duration,
+
+    /// Request headers passed on to the pre-create hook (comma-separated).
+    #[arg(long, env = "FERRY_PRE_CREATE_HEADERS", value_delimiter = ',', default_value = "authorization,cookie")]
+    pub pre_create_headers: Vec<String>,
+
     /// How often the background sweeper looks for expired uploads and leftover bytes.
     #[arg(long, env = "FERRY_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub sweep_interval: Duration,

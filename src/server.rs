@@ -14,7 +14,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::ServeArgs,
-    hooks::{Dispatcher, WebhookSettings},
+    hooks::{
+        Dispatcher, WebhookSettings,
+        precreate::{PreCreate, PreCreateSettings},
+    },
+    http::auth::TokenVerifier,
     http::{self, AppState},
     repo::{self, Repo},
     store::{self, Instrumented, ObjectStoreOptions, Store},
@@ -52,7 +56,29 @@ impl App {
         let metrics = Metrics::new();
         let store: Arc<dyn Store> = Arc::new(Instrumented::new(store, metrics.clone()));
         let uploads = Uploads::new(repo, store, settings, metrics);
-        let state = AppState { uploads: uploads.clone(), base_path: args.base_path.clone(), download: args.download };
+        let tokens = match (&args.token_secret, &args.token_public_key) {
+            (Some(secret), _) => Some(Arc::new(TokenVerifier::hs256(secret))),
+            (None, Some(path)) => {
+                let pem = std::fs::read(path).with_context(|| format!("could not read {}", path.display()))?;
+                Some(Arc::new(TokenVerifier::eddsa(&pem).context("the token public key is not an Ed25519 PEM key")?))
+            }
+            (None, None) => None,
+        };
+        let precreate = match &args.pre_create_url {
+            Some(url) => Some(Arc::new(PreCreate::new(PreCreateSettings {
+                url: url.clone(),
+                timeout: args.pre_create_timeout,
+                forward_headers: args.pre_create_headers.iter().map(|h| h.trim().to_ascii_lowercase()).collect(),
+            })?)),
+            None => None,
+        };
+        let state = AppState {
+            uploads: uploads.clone(),
+            base_path: args.base_path.clone(),
+            download: args.download,
+            tokens,
+            precreate,
+        };
         let metrics_inline = args.metrics_listen.is_none();
         let router = http::router(state.clone(), &args.cors_origin, metrics_inline);
         let metrics_router = http::metrics_router(state);

@@ -6,6 +6,8 @@
 //! retry budget is spent, otherwise retried later with exponential backoff and jitter. Delivery
 //! is at-least-once with a stable `webhook-id`; events of one upload go out in order.
 
+pub mod precreate;
+
 use std::{sync::Arc, time::Duration};
 
 use base64::{Engine, engine::general_purpose::STANDARD};

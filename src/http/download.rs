@@ -38,10 +38,12 @@ const CACHE_CONTROL: &str = "private, max-age=0, must-revalidate";
 
 pub async fn download(
     State(state): State<AppState>,
+    caller: Option<axum::Extension<super::auth::Caller>>,
     Path(id): Path<String>,
     request_headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    super::tus::authorize(&state, &caller, id).await?;
     // Conditions apply only to what would otherwise be a 2xx: check completeness first.
     let upload = state.uploads.completed(id).await?;
     let size = upload.length.unwrap_or(upload.offset);

@@ -19,6 +19,13 @@ pub enum ApiError {
     UnsupportedVersion(String),
     /// Range outside the object (416).
     RangeNotSatisfiable(u64),
+    /// The application's pre-create hook refused the upload: its status and message.
+    Refused {
+        status: u16,
+        message: String,
+    },
+    /// A service ferry depends on did not answer (503).
+    Unavailable(String),
     Upload(UploadError),
 }
 
@@ -39,6 +46,8 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::UnsupportedVersion(_) => StatusCode::PRECONDITION_FAILED,
             Self::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
+            Self::Refused { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN),
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upload(e) => match e {
                 UploadError::NotFound(_) => StatusCode::NOT_FOUND,
                 UploadError::Gone(_) => StatusCode::GONE,
@@ -62,6 +71,7 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let message = match &self {
             Self::BadHeader(m) | Self::UnsupportedMediaType(m) | Self::UnsupportedVersion(m) => m.clone(),
+            Self::Refused { message, .. } | Self::Unavailable(message) => message.clone(),
             Self::RangeNotSatisfiable(size) => format!("the range is outside the {size} bytes of this upload"),
             Self::Upload(UploadError::Internal(e)) => {
                 tracing::error!(error = ?e, "request failed");

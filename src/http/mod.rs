@@ -1,5 +1,6 @@
 //! HTTP: the axum router, tus handlers, downloads, the web page, CORS and method override.
 
+pub mod auth;
 mod download;
 pub mod error;
 pub mod headers;
@@ -27,6 +28,10 @@ pub struct AppState {
     pub uploads: Uploads,
     pub base_path: String,
     pub download: crate::config::DownloadMode,
+    /// Upload tokens, when configured: required on every tus request.
+    pub tokens: Option<std::sync::Arc<auth::TokenVerifier>>,
+    /// The application's pre-create hook, when configured.
+    pub precreate: Option<std::sync::Arc<crate::hooks::precreate::PreCreate>>,
 }
 
 /// Response headers a browser client must be able to read.
@@ -47,6 +52,7 @@ const EXPOSED_HEADERS: &[&str] = &[
     "content-disposition",
     "content-range",
     "content-length",
+    "www-authenticate",
     "etag",
 ];
 
@@ -78,6 +84,7 @@ pub fn router(state: AppState, cors_origins: &[String], with_metrics: bool) -> R
             &format!("{base}{{id}}"),
             get(download::download).head(tus::head).patch(tus::append).delete(tus::terminate).options(tus::options),
         )
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token))
         .layer(axum::middleware::from_fn(tus::tus_resumable));
 
     let mut router = Router::new()

@@ -1,6 +1,7 @@
 //! The tus 1.0.0 handlers: OPTIONS, POST, HEAD, PATCH, DELETE.
 
 use axum::{
+    Extension,
     body::Body,
     extract::{Path, Request, State},
     middleware::Next,
@@ -10,7 +11,8 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
-use super::{AppState, error::ApiError, headers};
+use super::{AppState, auth::Caller, error::ApiError, headers};
+use crate::hooks::precreate::{Decision, PreCreateRequest};
 use crate::uploads::{
     AppendRequest, BodyEvent, BodyStream, CreateConcat, CreateRequest, Upload,
     types::{Checksum, ChecksumAlgorithm, ChecksumPlan, Concat, UploadId},
@@ -101,12 +103,13 @@ fn set_expires(headers: &mut HeaderMap, expires_at: Option<i64>) {
 /// POST: creation, creation-with-upload, creation-defer-length and concatenation.
 pub async fn create(
     State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
     request_headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let length = headers::upload_length(&request_headers)?;
     let deferred = headers::defer_length(&request_headers)?;
-    let metadata = headers::metadata(&request_headers)?;
+    let mut metadata = headers::metadata(&request_headers)?;
     let concat = headers::concat(&request_headers, &state.base_path)?;
     let with_body = headers::has_body(&request_headers)?;
     let checksum = headers::checksum(&request_headers)?;
@@ -142,7 +145,49 @@ pub async fn create(
         .into());
     }
 
-    let upload = state.uploads.create(CreateRequest { length, metadata, concat, owner: None }).await?;
+    let caller = caller.map(|Extension(caller)| caller);
+    let mut owner = caller.as_ref().map(|c| c.owner.clone());
+    let mut max_size = caller.as_ref().and_then(|c| c.max_size);
+    if let Some(precreate) = &state.precreate {
+        let request = PreCreateRequest {
+            length,
+            metadata: metadata.decoded().into_iter().collect(),
+            concat: match &concat {
+                CreateConcat::None => None,
+                CreateConcat::Partial => Some("partial"),
+                CreateConcat::Final(_) => Some("final"),
+            },
+            headers: precreate
+                .forward_headers()
+                .iter()
+                .filter_map(|name| {
+                    let value = request_headers.get(name.as_str())?.to_str().ok()?;
+                    Some((name.clone(), value.to_string()))
+                })
+                .collect(),
+        };
+        match precreate.ask(&request).await {
+            Decision::Allow(allowed) => {
+                for (key, value) in &allowed.metadata {
+                    metadata.insert(key, value);
+                }
+                // A token's subject wins over the hook's owner; the smaller size limit wins.
+                owner = owner.or(allowed.owner);
+                max_size = match (max_size, allowed.max_size) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            Decision::Deny { status, message } => return Err(ApiError::Refused { status, message }),
+            Decision::Unavailable(reason) => {
+                tracing::warn!(%reason, "the pre-create hook could not be asked");
+                return Err(ApiError::Unavailable(
+                    "the application that approves uploads did not answer; nothing was created, try again later".into(),
+                ));
+            }
+        }
+    }
+    let upload = state.uploads.create(CreateRequest { length, metadata, concat, owner, max_size }).await?;
     let location = upload_url(&state, &request_headers, upload.id);
     let mut offset = upload.offset;
     let mut expires_at = upload.expires_at;
@@ -181,9 +226,23 @@ pub fn parse_id(id: &str) -> Result<UploadId, ApiError> {
     })
 }
 
+/// With upload tokens, only the token's subject may touch an upload: others get 404.
+pub async fn authorize(state: &AppState, caller: &Option<Extension<Caller>>, id: UploadId) -> Result<(), ApiError> {
+    if let Some(Extension(caller)) = caller {
+        state.uploads.check_owner(id, &caller.owner).await?;
+    }
+    Ok(())
+}
+
 /// HEAD: where an upload stands.
-pub async fn head(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let upload = state.uploads.get(parse_id(&id)?).await?;
+pub async fn head(
+    State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    authorize(&state, &caller, id).await?;
+    let upload = state.uploads.get(id).await?;
     let mut response = StatusCode::OK.into_response();
     let h = response.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -222,14 +281,25 @@ fn concat_header(state: &AppState, upload: &Upload) -> Option<HeaderValue> {
 /// PATCH: append bytes at the upload's offset.
 pub async fn append(
     State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
     Path(id): Path<String>,
     request_headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    authorize(&state, &caller, id).await?;
     headers::require_offset_octet_stream(&request_headers)?;
     let offset = headers::upload_offset(&request_headers)?;
     let length = headers::upload_length(&request_headers)?;
+    if let (Some(Extension(caller)), Some(length)) = (&caller, length)
+        && let Some(limit) = caller.max_size
+        && length > limit
+    {
+        return Err(crate::uploads::UploadError::TooLarge(format!(
+            "Upload-Length {length} is larger than the {limit} bytes your token allows"
+        ))
+        .into());
+    }
     let checksum: ChecksumPlan = headers::checksum(&request_headers)?;
     let content_length = headers::content_length(&request_headers)?;
     let request = AppendRequest { id, offset, length, checksum, content_length };
@@ -241,7 +311,13 @@ pub async fn append(
 }
 
 /// DELETE: termination.
-pub async fn terminate(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    state.uploads.terminate(parse_id(&id)?).await?;
+pub async fn terminate(
+    State(state): State<AppState>,
+    caller: Option<Extension<Caller>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    authorize(&state, &caller, id).await?;
+    state.uploads.terminate(id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

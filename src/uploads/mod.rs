@@ -124,6 +124,8 @@ pub struct CreateRequest {
     pub metadata: Metadata,
     pub concat: CreateConcat,
     pub owner: Option<String>,
+    /// A smaller size limit than `--max-size` for this upload (from a token or the pre-create hook).
+    pub max_size: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -275,6 +277,15 @@ impl Uploads {
         Ok(())
     }
 
+    /// Checks that `owner` owns the upload; another owner's (or an unknown) upload is 404, so
+    /// that ids of others' uploads reveal nothing.
+    pub async fn check_owner(&self, id: UploadId, owner: &str) -> Result<()> {
+        match self.repo.get(id).await? {
+            Some(row) if row.owner.as_deref() == Some(owner) => Ok(()),
+            _ => Err(UploadError::NotFound("no upload with this id".into())),
+        }
+    }
+
     /// Loads an upload that still exists, mapping unknown and removed ones to 404 and 410.
     async fn load(&self, id: UploadId) -> Result<UploadRow> {
         match self.repo.get(id).await? {
@@ -294,6 +305,13 @@ impl Uploads {
     }
 
     pub async fn create(&self, request: CreateRequest) -> Result<Upload> {
+        if let (Some(limit), Some(length)) = (request.max_size, request.length)
+            && length > limit
+        {
+            return Err(UploadError::TooLarge(format!(
+                "Upload-Length {length} is larger than the {limit} bytes this upload may have"
+            )));
+        }
         let id = UploadId::new();
         let now = now_ms();
         let (length, state, concat, sha256) = match request.concat {

@@ -147,6 +147,15 @@ impl Metadata {
         Ok(Self(pairs))
     }
 
+    /// Sets `key` to a text value (replacing any value it had).
+    pub fn insert(&mut self, key: &str, value: &str) {
+        let encoded = Some(STANDARD.encode(value));
+        match self.0.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) => *v = encoded,
+            None => self.0.push((key.to_string(), encoded)),
+        }
+    }
+
     /// The header value to echo back, in the canonical form.
     pub fn to_header(&self) -> String {
         self.0

@@ -1,0 +1,137 @@
+//! Upload tokens: short-lived JWTs the application signs for its users (HS256 with a shared
+//! secret, or EdDSA with ferry holding the public key). With a key configured, every tus request
+//! must carry one; the upload is bound to the token's subject, and another subject's requests
+//! for it get 404.
+
+use axum::{
+    extract::{Request, State},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use http::{HeaderValue, Method, StatusCode, header};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use super::AppState;
+
+/// Who is calling, from a verified token.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub owner: String,
+    /// A smaller size limit for this caller's uploads.
+    pub max_size: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    max_size: Option<u64>,
+}
+
+pub struct TokenVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for TokenVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenVerifier(redacted)")
+    }
+}
+
+impl TokenVerifier {
+    /// HS256 with a secret shared with the application.
+    pub fn hs256(secret: &str) -> Self {
+        Self::with(DecodingKey::from_secret(secret.as_bytes()), Algorithm::HS256)
+    }
+
+    /// EdDSA (Ed25519) with the application's public key, PEM-encoded.
+    pub fn eddsa(public_key_pem: &[u8]) -> anyhow::Result<Self> {
+        Ok(Self::with(DecodingKey::from_ed_pem(public_key_pem)?, Algorithm::EdDSA))
+    }
+
+    fn with(key: DecodingKey, algorithm: Algorithm) -> Self {
+        // Only the configured algorithm is accepted (no "none", no switching), and `exp` is required.
+        let mut validation = Validation::new(algorithm);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 5;
+        Self { key, validation }
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Caller, String> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation).map_err(|e| match e.kind() {
+            jsonwebtoken::errors::ErrorKind::ExpiredSignature => "the upload token has expired".to_string(),
+            jsonwebtoken::errors::ErrorKind::InvalidSignature => "the upload token's signature is invalid".into(),
+            _ => format!("the upload token is not valid: {e}"),
+        })?;
+        Ok(Caller { owner: data.claims.sub, max_size: data.claims.max_size })
+    }
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut response =
+        (StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{message}\n"))
+            .into_response();
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// The token from `Authorization: Bearer`, or from `?token=` (for plain download links).
+fn token_of(request: &Request) -> Option<String> {
+    if let Some(value) = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        return value.strip_prefix("Bearer ").map(|t| t.trim().to_string());
+    }
+    request.uri().query().and_then(|query| {
+        url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "token").map(|(_, v)| v.into_owned())
+    })
+}
+
+/// Requires a valid token on every tus request but OPTIONS, when tokens are configured.
+pub async fn require_token(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let Some(verifier) = &state.tokens else {
+        return next.run(request).await;
+    };
+    if request.method() == Method::OPTIONS {
+        return next.run(request).await;
+    }
+    let Some(token) = token_of(&request) else {
+        return unauthorized("an upload token is required: send 'Authorization: Bearer <token>'");
+    };
+    match verifier.verify(&token) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(message) => unauthorized(&message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+
+    fn token(secret: &str, claims: serde_json::Value) -> String {
+        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+    }
+
+    fn in_a_minute() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 60
+    }
+
+    #[test]
+    fn tokens() {
+        let verifier = TokenVerifier::hs256("s3cret");
+        let caller = verifier
+            .verify(&token("s3cret", serde_json::json!({"sub": "u1", "exp": in_a_minute(), "max_size": 5})))
+            .unwrap();
+        assert_eq!(caller.owner, "u1");
+        assert_eq!(caller.max_size, Some(5));
+        assert!(verifier.verify(&token("other", serde_json::json!({"sub": "u1", "exp": in_a_minute()}))).is_err());
+        let expired = token("s3cret", serde_json::json!({"sub": "u1", "exp": 1000}));
+        assert!(verifier.verify(&expired).unwrap_err().contains("expired"));
+        assert!(verifier.verify(&token("s3cret", serde_json::json!({"sub": "u1"}))).is_err(), "exp is required");
+        assert!(verifier.verify("not.a.jwt").is_err());
+    }
+}

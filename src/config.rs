@@ -99,6 +99,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_STORE")]
     pub store: Option<String>,
 
+    /// object_store settings for `s3://`, `gs://` and `az://` stores as KEY=VALUE, applied over the
+    /// `AWS_*`, `GOOGLE_*`, `AZURE_*` environment (e.g. `aws_endpoint=http://127.0.0.1:9000`,
+    /// `aws_allow_http=true`). Repeat the flag, or separate pairs by commas in the variable.
+    #[arg(long = "store-option", env = "FERRY_STORE_OPTIONS", value_delimiter = ',', hide_env_values = true, value_parser = parse_pair)]
+    pub store_options: Vec<(String, String)>,
+
     /// Part size for object stores (`s3://`, `gs://`, `az://`): appends are cut into parts of
     /// exactly this size (raised per upload when needed to stay within 10,000 parts; at least 5 MiB).
     #[arg(long, env = "FERRY_PART_SIZE", default_value = "8MiB", value_parser = parse_size)]
@@ -218,6 +224,11 @@ impl ServeArgs {
             None => self.database.data_dir.join("store").display().to_string(),
         }
     }
+}
+
+fn parse_pair(value: &str) -> Result<(String, String), String> {
+    let (key, value) = value.split_once('=').ok_or("expected KEY=VALUE")?;
+    Ok((key.trim().to_string(), value.trim().to_string()))
 }
 
 fn parse_secret(value: &str) -> Result<crate::hooks::Secret, String> {

@@ -40,11 +40,14 @@ pub const MAX_PARTS: u64 = 10_000;
 pub struct ObjectStoreOptions {
     /// Preferred part size; raised per upload when needed to stay within 10,000 parts.
     pub part_size: u64,
+    /// object_store configuration keys and values (`aws_endpoint`, `aws_allow_http`,
+    /// `google_service_account`, `azure_storage_account_name`, ...), applied over the environment.
+    pub config: Vec<(String, String)>,
 }
 
 impl Default for ObjectStoreOptions {
     fn default() -> Self {
-        Self { part_size: 8 << 20 }
+        Self { part_size: 8 << 20, config: Vec::new() }
     }
 }
 
@@ -70,15 +73,27 @@ impl ObjectBackend {
         let (store, multipart, signer): (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>, Arc<dyn Signer>) =
             match parsed.scheme() {
                 "s3" | "s3a" => {
-                    let s3 = Arc::new(AmazonS3Builder::from_env().with_bucket_name(bucket).build()?);
+                    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+                    for (key, value) in &options.config {
+                        builder = builder.with_config(key.parse()?, value);
+                    }
+                    let s3 = Arc::new(builder.build()?);
                     (s3.clone(), s3.clone(), s3)
                 }
                 "gs" => {
-                    let gcs = Arc::new(GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket).build()?);
+                    let mut builder = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
+                    for (key, value) in &options.config {
+                        builder = builder.with_config(key.parse()?, value);
+                    }
+                    let gcs = Arc::new(builder.build()?);
                     (gcs.clone(), gcs.clone(), gcs)
                 }
                 "az" | "azure" => {
-                    let azure = Arc::new(MicrosoftAzureBuilder::from_env().with_container_name(bucket).build()?);
+                    let mut builder = MicrosoftAzureBuilder::from_env().with_container_name(bucket);
+                    for (key, value) in &options.config {
+                        builder = builder.with_config(key.parse()?, value);
+                    }
+                    let azure = Arc::new(builder.build()?);
                     (azure.clone(), azure.clone(), azure)
                 }
                 other => anyhow::bail!("unsupported store scheme '{other}' (use s3://, gs://, az:// or a folder)"),

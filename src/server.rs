@@ -43,8 +43,11 @@ pub struct App {
 impl App {
     pub async fn build(args: &ServeArgs) -> anyhow::Result<Self> {
         let repo = open_database(&args.database).await?;
-        let store: Arc<dyn Store> = store::open(&args.store_url(), ObjectStoreOptions { part_size: args.part_size, config: args.store_options.clone() })
-            .context("could not open the store")?;
+        let store: Arc<dyn Store> = store::open(
+            &args.store_url(),
+            ObjectStoreOptions { part_size: args.part_size, config: args.store_options.clone() },
+        )
+        .context("could not open the store")?;
         let settings = Settings {
             max_size: args.max_size,
             expire_after: args.expire_after,

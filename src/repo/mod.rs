@@ -124,8 +124,12 @@ pub trait Repo: Send + Sync + 'static {
     /// completes the upload when `sha256` is set. Returns false when superseded.
     async fn commit_append(&self, commit: &AppendCommit) -> Result<bool>;
 
-    /// The writer generation an upload is at (None if it is unknown).
-    async fn generation(&self, id: UploadId) -> Result<Option<i64>>;
+    /// Claims the right to upload a part for writer `generation`: granted only while it is the
+    /// newest writer and no other writer's claim is live.
+    async fn claim_part_upload(&self, id: UploadId, generation: i64, now: i64, until: i64) -> Result<PartClaim>;
+
+    /// Releases a claim taken by [`Repo::claim_part_upload`].
+    async fn release_part_upload(&self, id: UploadId, generation: i64) -> Result<()>;
 
     /// The committed parts of an upload's multipart upload, in order.
     async fn parts(&self, id: UploadId) -> Result<Vec<Part>>;
@@ -180,6 +184,16 @@ pub trait Repo: Send + Sync + 'static {
 
     /// Makes events due again (dead or pending): one by id, or all dead ones. Returns how many.
     async fn retry_events(&self, id: Option<&str>, now: i64) -> Result<u64>;
+}
+
+/// The answer to a part-upload claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartClaim {
+    Granted,
+    /// Another (older) writer is still uploading a part: wait for it.
+    Busy,
+    /// A newer writer took over: stop.
+    Superseded,
 }
 
 /// An event to record in the outbox with the state change that causes it.

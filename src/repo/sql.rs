@@ -14,8 +14,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    AppendCommit, AppendLease, EventOutcome, EventRow, EventState, NewEvent, NewUpload, Repo, RepoError, Result,
-    UploadRow,
+    AppendCommit, AppendLease, EventOutcome, EventRow, EventState, NewEvent, NewUpload, PartClaim, Repo, RepoError,
+    Result, UploadRow,
 };
 use crate::{
     store::{Part, Staged, StoreUpload},
@@ -319,11 +319,38 @@ macro_rules! sql_repo {
                 Ok(true)
             }
 
-            async fn generation(&self, id: UploadId) -> Result<Option<i64>> {
-                Ok(sqlx::query_scalar("SELECT write_gen FROM uploads WHERE id = $1")
+            async fn claim_part_upload(&self, id: UploadId, generation: i64, now: i64, until: i64) -> Result<PartClaim> {
+                let claimed = sqlx::query(
+                    "UPDATE uploads SET part_writer = $2, part_writer_until = $4 \
+                     WHERE id = $1 AND write_gen = $2 AND state = 'receiving' \
+                     AND (part_writer IS NULL OR part_writer = $2 OR part_writer_until < $3)",
+                )
+                .bind(id.uuid())
+                .bind(generation)
+                .bind(now)
+                .bind(until)
+                .execute(&self.pool)
+                .await?;
+                if claimed.rows_affected() == 1 {
+                    return Ok(PartClaim::Granted);
+                }
+                let current: Option<(i64, String)> = sqlx::query_as("SELECT write_gen, state FROM uploads WHERE id = $1")
                     .bind(id.uuid())
                     .fetch_optional(&self.pool)
-                    .await?)
+                    .await?;
+                Ok(match current {
+                    Some((g, state)) if g == generation && state == "receiving" => PartClaim::Busy,
+                    _ => PartClaim::Superseded,
+                })
+            }
+
+            async fn release_part_upload(&self, id: UploadId, generation: i64) -> Result<()> {
+                sqlx::query("UPDATE uploads SET part_writer = NULL, part_writer_until = NULL WHERE id = $1 AND part_writer = $2")
+                    .bind(id.uuid())
+                    .bind(generation)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
             }
 
             async fn parts(&self, id: UploadId) -> Result<Vec<Part>> {

@@ -73,10 +73,17 @@ pub struct Staged {
     pub size: u64,
 }
 
-/// Tells an append whether its writer still holds the newest generation.
+/// Guards the uploads of parts: a writer uploads a part only while it is the newest writer and
+/// no older writer is still mid-way through uploading one, so the last upload of any part
+/// number is always the newest writer's.
 #[async_trait]
 pub trait WriterCheck: Send + Sync {
-    async fn is_current(&self) -> bool;
+    /// Waits until this writer may upload a part; [`StoreError::Superseded`] once a newer
+    /// writer took over.
+    async fn begin_part(&self) -> Result<()>;
+
+    /// Lets other writers upload parts again.
+    async fn end_part(&self);
 }
 
 /// Everything an append needs to continue an upload.

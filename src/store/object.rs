@@ -312,9 +312,13 @@ struct ObjectAppender {
 impl ObjectAppender {
     /// Uploads the next part: the staged bytes, then `from_buffer` bytes of this request's.
     async fn upload_part(&mut self, from_buffer: u64) -> Result<()> {
-        if !self.check.is_current().await {
-            return Err(StoreError::Superseded);
-        }
+        self.check.begin_part().await?;
+        let uploaded = self.put_next_part(from_buffer).await;
+        self.check.end_part().await;
+        uploaded
+    }
+
+    async fn put_next_part(&mut self, from_buffer: u64) -> Result<()> {
         let mut chunks: Vec<Bytes> = Vec::new();
         for staged in &self.staged {
             let bytes = self.store.get(&Path::from(staged.key.as_str())).await?.bytes().await?;

@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    repo::{AppendCommit, NewEvent, NewUpload, Repo, RepoError, UploadRow},
+    repo::{AppendCommit, NewEvent, NewUpload, PartClaim, Repo, RepoError, UploadRow},
     store::{AppendContext, Download, Store, StoreError, StoreUpload, WriterCheck},
     telemetry::Metrics,
 };
@@ -760,10 +760,29 @@ struct CurrentWriter {
     generation: i64,
 }
 
+/// How long a part-upload claim holds before another writer may assume its holder died.
+const PART_CLAIM: Duration = Duration::from_secs(120);
+
 #[async_trait::async_trait]
 impl WriterCheck for CurrentWriter {
-    async fn is_current(&self) -> bool {
-        matches!(self.repo.generation(self.id).await, Ok(Some(g)) if g == self.generation)
+    async fn begin_part(&self) -> std::result::Result<(), StoreError> {
+        let other = |e: RepoError| StoreError::Other(format!("could not claim the part upload: {e}"));
+        loop {
+            let now = now_ms();
+            let claim = self.repo.claim_part_upload(self.id, self.generation, now, now + PART_CLAIM.as_millis() as i64);
+            match claim.await.map_err(other)? {
+                PartClaim::Granted => return Ok(()),
+                PartClaim::Superseded => return Err(StoreError::Superseded),
+                // An older writer is finishing a part upload: let it land first, then overwrite it.
+                PartClaim::Busy => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    async fn end_part(&self) {
+        if let Err(e) = self.repo.release_part_upload(self.id, self.generation).await {
+            tracing::warn!(upload = %self.id, error = %e, "could not release a part-upload claim; it lapses by itself");
+        }
     }
 }
 

@@ -296,3 +296,612 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Panics with the first difference between two byte strings (never dumps them).
+pub fn assert_same_bytes(what: &str, actual: &[u8], expected: &[u8]) {
+    if actual == expected {
+        return;
+    }
+    let first = actual.iter().zip(expected).position(|(a, b)| a != b).unwrap_or(actual.len().min(expected.len()));
+    panic!("{what}: {} bytes where {} were expected; first difference at byte {first}", actual.len(), expected.len());
+}
+
+// ------------------------------------------------------------------------------------------------
+// S3 for the tests: a real S3 API (moto_server, started by tests/run), a fresh bucket per test.
+
+/// Where the S3 tests find their S3 API: `http://127.0.0.1:PORT`.
+pub const S3_ENDPOINT_VAR: &str = "FERRY_TEST_S3_ENDPOINT";
+/// The key prefix ferry is given in the tests: `--store s3://<bucket>/ferry`.
+pub const S3_PREFIX: &str = "ferry";
+const S3_REGION: &str = "us-east-1";
+const S3_ACCESS_KEY: &str = "ferry-test";
+const S3_SECRET_KEY: &str = "ferry-test-secret";
+
+/// The S3 endpoint the tests use. The S3 tests fail (never skip) without one.
+pub fn s3_endpoint() -> String {
+    match std::env::var(S3_ENDPOINT_VAR) {
+        Ok(value) if !value.trim().is_empty() => value.trim().trim_end_matches('/').to_string(),
+        _ => panic!(
+            "{S3_ENDPOINT_VAR} is not set, and the S3 tests need an S3 API: run tests/run, which starts \
+             moto_server and sets it (or start `moto_server -H 127.0.0.1 -p PORT` yourself and export \
+             {S3_ENDPOINT_VAR}=http://127.0.0.1:PORT)"
+        ),
+    }
+}
+
+/// One test's own bucket on the S3 endpoint; emptied and removed when dropped.
+pub struct S3Bucket {
+    pub endpoint: String,
+    pub name: String,
+    store: object_store::aws::AmazonS3,
+    http: reqwest::Client,
+}
+
+impl S3Bucket {
+    /// Creates a new, empty bucket (`PUT /<bucket>`; moto takes any credentials).
+    pub async fn create() -> Self {
+        let endpoint = s3_endpoint();
+        let name = format!("ferry-test-{}", uuid::Uuid::new_v4().simple());
+        let http = reqwest::Client::new();
+        let response = http
+            .put(format!("{endpoint}/{name}"))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("the S3 API at {endpoint} ({S3_ENDPOINT_VAR}) does not answer: {e}"));
+        assert!(response.status().is_success(), "CreateBucket {name}: {}", response.status());
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(&endpoint)
+            .with_allow_http(true)
+            .with_bucket_name(&name)
+            .with_region(S3_REGION)
+            .with_access_key_id(S3_ACCESS_KEY)
+            .with_secret_access_key(S3_SECRET_KEY)
+            .build()
+            .expect("S3 client for the test bucket");
+        Self { endpoint, name, store, http }
+    }
+
+    /// The `--store` URL for ferry.
+    pub fn store_url(&self) -> String {
+        format!("s3://{}/{S3_PREFIX}", self.name)
+    }
+
+    /// The environment ferry reads its S3 settings from (object_store's `AmazonS3Builder::from_env`).
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", self.endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY),
+            ("AWS_REGION", S3_REGION),
+            ("AWS_DEFAULT_REGION", S3_REGION),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// Every object in the bucket: key and size, sorted by key.
+    pub async fn objects(&self) -> Vec<(String, u64)> {
+        use futures_util::TryStreamExt;
+        use object_store::ObjectStore;
+        let mut objects: Vec<(String, u64)> = self
+            .store
+            .list(None)
+            .map_ok(|meta| (meta.location.to_string(), meta.size))
+            .try_collect()
+            .await
+            .unwrap_or_else(|e| panic!("listing bucket {}: {e}", self.name));
+        objects.sort();
+        objects
+    }
+
+    /// An object's bytes, or None when there is no such object.
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        use object_store::ObjectStoreExt;
+        match self.store.get(&object_store::path::Path::from(key)).await {
+            Ok(result) => Some(result.bytes().await.expect("reading an object").to_vec()),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => panic!("GET {key} from bucket {}: {e}", self.name),
+        }
+    }
+
+    /// Multipart uploads begun and neither completed nor aborted: (key, upload id), sorted.
+    pub async fn multipart_uploads(&self) -> Vec<(String, String)> {
+        let xml = self.get_xml(&format!("{}/{}?uploads", self.endpoint, self.name)).await;
+        let mut uploads: Vec<(String, String)> =
+            xml_values(&xml, "Key").into_iter().zip(xml_values(&xml, "UploadId")).collect();
+        uploads.sort();
+        uploads
+    }
+
+    /// How many parts a multipart upload holds so far.
+    pub async fn part_count(&self, key: &str, upload_id: &str) -> usize {
+        let xml = self.get_xml(&format!("{}/{}/{key}?uploadId={upload_id}", self.endpoint, self.name)).await;
+        xml_values(&xml, "PartNumber").len()
+    }
+
+    async fn get_xml(&self, url: &str) -> String {
+        let response = self.http.get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        assert!(status.is_success(), "GET {url}: {status}: {body}");
+        body
+    }
+
+    /// Everything the bucket holds, one line each: `<key> (<size>)` for objects and
+    /// `multipart <key> (<n> parts)` for unfinished multipart uploads. Keys are shown without
+    /// the `ferry/` prefix.
+    pub async fn inventory(&self) -> Vec<String> {
+        let strip = |key: &str| key.strip_prefix(&format!("{S3_PREFIX}/")).unwrap_or(key).to_string();
+        let mut lines: Vec<String> =
+            self.objects().await.into_iter().map(|(key, size)| format!("{} ({size})", strip(&key))).collect();
+        for (key, id) in self.multipart_uploads().await {
+            let parts = self.part_count(&key, &id).await;
+            lines.push(format!("multipart {} ({parts} parts)", strip(&key)));
+        }
+        lines
+    }
+}
+
+impl Drop for S3Bucket {
+    fn drop(&mut self) {
+        // moto keeps everything in memory: give back what this test stored.
+        let (store, http, endpoint, name) =
+            (self.store.clone(), self.http.clone(), self.endpoint.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime.block_on(async {
+                use futures_util::TryStreamExt;
+                use object_store::{ObjectStore, ObjectStoreExt, multipart::MultipartStore};
+                let xml = http.get(format!("{endpoint}/{name}?uploads")).send().await.ok()?.text().await.ok()?;
+                for (key, id) in xml_values(&xml, "Key").into_iter().zip(xml_values(&xml, "UploadId")) {
+                    let _ = store.abort_multipart(&object_store::path::Path::from(key), &id).await;
+                }
+                let keys: Vec<_> = store.list(None).map_ok(|meta| meta.location).try_collect().await.ok()?;
+                for key in keys {
+                    let _ = store.delete(&key).await;
+                }
+                http.delete(format!("{endpoint}/{name}")).send().await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// The text of every `<tag>...</tag>` element, in order (enough for S3's listings).
+fn xml_values(xml: &str, tag: &str) -> Vec<String> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut values = Vec::new();
+    let mut rest = xml;
+    while let Some(start) = rest.find(&open) {
+        rest = &rest[start + open.len()..];
+        let Some(end) = rest.find(&close) else { break };
+        values.push(rest[..end].replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"));
+        rest = &rest[end + close.len()..];
+    }
+    values
+}
+
+// ------------------------------------------------------------------------------------------------
+// Clusters: real `ferry serve` processes sharing one PostgreSQL database and one store.
+
+/// Where a cluster keeps upload bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// One local folder shared by every instance (`--store <dir>`).
+    Local,
+    /// One bucket on the S3 endpoint (`--store s3://<bucket>/ferry`).
+    S3,
+}
+
+/// Several `ferry serve` processes on one PostgreSQL database and one store. Dropping it kills
+/// what still runs and drops the database; when the test failed, the instances' logs are printed
+/// and the temporary folder is kept.
+pub struct Cluster {
+    pub storage: Storage,
+    pub db_url: String,
+    pub store_url: String,
+    pub bucket: Option<S3Bucket>,
+    pub nodes: Vec<Node>,
+    dir: Option<tempfile::TempDir>,
+}
+
+/// One `ferry serve` process.
+pub struct Node {
+    pub name: String,
+    /// `http://127.0.0.1:<port>`
+    pub base: String,
+    /// The tus endpoint, `<base>/files/`.
+    pub files: String,
+    pub addr: std::net::SocketAddr,
+    pub client: reqwest::Client,
+    /// stdout and stderr of the process.
+    pub log: PathBuf,
+    child: tokio::process::Child,
+    exited: Option<std::process::ExitStatus>,
+}
+
+impl Cluster {
+    /// Starts `count` instances with test-friendly settings (a sweep every second) plus `extra`
+    /// arguments, and waits until each is ready.
+    pub async fn start(storage: Storage, count: usize, extra: &[&str]) -> Self {
+        Self::start_nodes(storage, &vec![extra; count]).await
+    }
+
+    /// Starts one instance per entry of `extra`, each with those arguments added.
+    pub async fn start_nodes(storage: Storage, extra: &[&[&str]]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bucket = match storage {
+            Storage::Local => None,
+            Storage::S3 => Some(S3Bucket::create().await),
+        };
+        let db_url = fresh_database(Backend::Postgres, dir.path()).await;
+        let store_url = match &bucket {
+            Some(bucket) => bucket.store_url(),
+            None => dir.path().join("store").display().to_string(),
+        };
+        let mut cluster = Cluster { storage, db_url, store_url, bucket, nodes: Vec::new(), dir: Some(dir) };
+        for args in extra {
+            cluster.add_node(args, &[]).await;
+        }
+        cluster
+    }
+
+    /// Starts one more instance with `extra` arguments and `env` on top of the cluster's
+    /// environment (say an `AWS_ENDPOINT` of its own), and waits until it is ready.
+    pub async fn add_node(&mut self, extra: &[&str], env: &[(&str, &str)]) -> &Node {
+        let name = ((b'a' + self.nodes.len() as u8) as char).to_string();
+        let mut vars = self.bucket.as_ref().map(S3Bucket::env).unwrap_or_default();
+        vars.retain(|(k, _)| !env.iter().any(|(key, _)| key == k));
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        // The port is picked free but only taken when ferry binds it: should another process
+        // take it in between, start again on another.
+        let mut attempts = 0;
+        let node = loop {
+            attempts += 1;
+            let mut node = Node::spawn(&name, self.dir(), &self.db_url, &self.store_url, extra, &vars);
+            match node.wait_ready().await {
+                Ok(()) => break node,
+                Err(log) if attempts < 3 && log.contains("in use") => continue,
+                Err(log) => panic!("instance {name} did not start:\n{log}"),
+            }
+        };
+        self.nodes.push(node);
+        self.nodes.last().expect("just added")
+    }
+
+    fn dir(&self) -> &std::path::Path {
+        self.dir.as_ref().expect("temp dir").path()
+    }
+
+    /// The shared folder of a local store.
+    pub fn store_dir(&self) -> PathBuf {
+        assert_eq!(self.storage, Storage::Local, "only a local store has a folder");
+        PathBuf::from(&self.store_url)
+    }
+
+    /// The bytes the store holds for an upload, read from the store itself (not through ferry).
+    pub async fn stored_object(&self, url: &str) -> Option<Vec<u8>> {
+        let id = upload_id(url);
+        match &self.bucket {
+            Some(bucket) => bucket.get(&format!("{S3_PREFIX}/uploads/{id}")).await,
+            None => std::fs::read(self.store_dir().join("uploads").join(id)).ok(),
+        }
+    }
+
+    /// Everything the store holds, one line each, sorted: `<path> (<size>)` relative to the store
+    /// folder, or bucket keys relative to the prefix and unfinished multipart uploads (see
+    /// [`S3Bucket::inventory`]).
+    pub async fn store_inventory(&self) -> Vec<String> {
+        match &self.bucket {
+            Some(bucket) => bucket.inventory().await,
+            None => {
+                let mut found = Vec::new();
+                list_files(&self.store_dir(), &self.store_dir(), &mut found);
+                found.sort();
+                found
+            }
+        }
+    }
+
+    /// An upload's writer generation, bumped by the database each time an append starts: tells the
+    /// tests that a request they cannot see into has begun its append.
+    pub async fn write_generation(&self, url: &str) -> i64 {
+        use sqlx::Connection;
+        let id: uuid::Uuid = upload_id(url).parse().expect("upload id is a uuid");
+        let mut conn = sqlx::PgConnection::connect(&self.db_url).await.expect("connect to the test database");
+        sqlx::query_scalar("SELECT write_gen FROM uploads WHERE id = $1")
+            .bind(id)
+            .fetch_one(&mut conn)
+            .await
+            .expect("write_gen of an upload")
+    }
+
+    /// Waits for the upload to be complete and checks it everywhere: HEAD on every live instance
+    /// reports the full offset and `Repr-Digest` with the SHA-256 of `expected`; GET through every
+    /// live instance and the object in the store itself are byte-exact.
+    pub async fn assert_complete(&self, url: &str, expected: &[u8]) {
+        let live: Vec<&Node> = self.nodes.iter().filter(|n| n.exited.is_none()).collect();
+        let first = live.first().expect("a live instance");
+        let want_digest = format!("sha-256=:{}:", sha256_b64(expected));
+        // Complete: HEAD says every byte is there, and the bytes can be downloaded (on object
+        // stores the multipart upload is completed after the last append).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let response = first.head(url).await;
+            let offset = response.headers().get("upload-offset").and_then(|v| v.to_str().ok()).map(String::from);
+            let digest = response.headers().get("repr-digest").and_then(|v| v.to_str().ok()).map(String::from);
+            let head = format!("HEAD: {}, offset {offset:?}, digest {digest:?}", response.status());
+            let get = if offset.as_deref() == Some(&expected.len().to_string()) && digest.is_some() {
+                let probe = first.client.get(first.at(url)).header("Range", "bytes=0-0").send().await;
+                match probe {
+                    Ok(r) if r.status() == 200 || r.status() == 206 => break,
+                    Ok(r) => format!("GET: {}: {}", r.status(), r.text().await.unwrap_or_default()),
+                    Err(e) => format!("GET: {e}"),
+                }
+            } else {
+                String::new()
+            };
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "upload {url} did not complete within 30 s; last {head}; {get}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for node in &live {
+            let response = node.head(url).await;
+            assert_eq!(response.status(), 200, "HEAD through {}", node.name);
+            assert_eq!(header(&response, "upload-offset"), expected.len().to_string(), "offset on {}", node.name);
+            assert_eq!(header(&response, "repr-digest"), want_digest, "Repr-Digest on {}", node.name);
+            let downloaded = node.download(url).await;
+            assert_same_bytes(&format!("GET through {}", node.name), &downloaded, expected);
+        }
+        let stored = self.stored_object(url).await.unwrap_or_else(|| {
+            panic!("the store holds no object for {url} ({:?} store at {})", self.storage, self.store_url)
+        });
+        assert_same_bytes("the object in the store", &stored, expected);
+    }
+}
+
+fn list_files(root: &std::path::Path, dir: &std::path::Path, found: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        if path.is_dir() {
+            list_files(root, &path, found);
+        } else {
+            let size = entry.metadata().map(|m| m.len()).unwrap_or_default();
+            found.push(format!("{} ({size})", path.strip_prefix(root).unwrap_or(&path).display()));
+        }
+    }
+}
+
+/// The id at the end of an upload URL.
+pub fn upload_id(url: &str) -> &str {
+    url.rsplit('/').next().expect("upload URL")
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.child.start_kill();
+        }
+        if std::thread::panicking() {
+            for node in &self.nodes {
+                eprintln!(
+                    "\n----- log of instance {} ({}), last lines -----\n{}",
+                    node.name,
+                    node.log.display(),
+                    node.log_tail(80)
+                );
+            }
+            if let Some(dir) = self.dir.take() {
+                eprintln!("(kept {} for a look)", dir.keep().display());
+            }
+        }
+        drop_database(&self.db_url);
+    }
+}
+
+impl Node {
+    fn spawn(
+        name: &str,
+        dir: &std::path::Path,
+        db_url: &str,
+        store_url: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let data_dir = dir.join(format!("node-{name}"));
+        let log = dir.join(format!("node-{name}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
+        command
+            .arg("serve")
+            .args(["--listen", &addr.to_string()])
+            .args(["--database-url", db_url])
+            .args(["--data-dir", data_dir.to_str().expect("utf-8 path")])
+            .args(["--store", store_url])
+            .args(["--sweep-interval", "1s"])
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true);
+        // Only what the test sets: no FERRY_* or AWS_* settings from the caller's environment.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("FERRY_") || key.starts_with("AWS_") {
+                command.env_remove(key.as_ref());
+            }
+        }
+        command.env("FERRY_LOG", "info,ferry=debug").env("NO_COLOR", "1").env("RUST_BACKTRACE", "1");
+        command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let child = command.spawn().expect("start ferry serve");
+        let base = format!("http://{addr}");
+        Node {
+            name: name.to_string(),
+            files: format!("{base}/files/"),
+            base,
+            addr,
+            client: reqwest::Client::new(),
+            log,
+            child,
+            exited: None,
+        }
+    }
+
+    /// Waits until the instance answers `/readyz` (or `/healthz` where there is no `/readyz`);
+    /// on failure, returns why with the end of its log.
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.exited = Some(status);
+                return Err(format!("exited with {status} before it was ready:\n{}", self.log_tail(40)));
+            }
+            match self.client.get(format!("{}/readyz", self.base)).send().await {
+                Ok(r) if r.status() == 200 => return Ok(()),
+                Ok(r) if r.status() == 404 => {
+                    if let Ok(r) = self.client.get(format!("{}/healthz", self.base)).send().await
+                        && r.status() == 200
+                    {
+                        return Ok(());
+                    }
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("not ready within 30 s:\n{}", self.log_tail(40)));
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// The last `lines` lines of the instance's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the instance is still running")
+    }
+
+    /// Sends SIGTERM (what Kubernetes does before stopping a pod).
+    pub fn sigterm(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill -TERM");
+        assert!(status.success(), "kill -TERM {} failed", self.pid());
+    }
+
+    /// Kills the instance with SIGKILL and waits until it is gone.
+    pub async fn sigkill(&mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        self.wait_exit(Duration::from_secs(10)).await;
+    }
+
+    /// Waits for the process to exit; fails the test after `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        if let Some(status) = self.exited {
+            return status;
+        }
+        let status = match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(status) => status.expect("wait for the instance"),
+            Err(_) => panic!("instance {} did not exit within {limit:?}:\n{}", self.name, self.log_tail(40)),
+        };
+        self.exited = Some(status);
+        status
+    }
+
+    /// The same upload's URL on this instance.
+    pub fn at(&self, url: &str) -> String {
+        format!("{}{}", self.files, upload_id(url))
+    }
+
+    /// A tus request to this instance for `url` (any instance's URL of the upload).
+    pub fn tus(&self, method: Method, url: &str) -> RequestBuilder {
+        self.client.request(method, self.at(url)).header("Tus-Resumable", "1.0.0")
+    }
+
+    /// Creates an upload of `length` bytes and returns its URL (on this instance).
+    pub async fn create(&self, length: u64) -> String {
+        let response = self
+            .client
+            .post(&self.files)
+            .header("Tus-Resumable", "1.0.0")
+            .header("Upload-Length", length.to_string())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST to {}: {e}", self.name));
+        assert_eq!(response.status(), 201, "create on {}: {}", self.name, response.text().await.unwrap_or_default());
+        header(&response, "location")
+    }
+
+    /// A PATCH request, built but not sent.
+    pub fn patch_request(&self, url: &str, offset: u64) -> RequestBuilder {
+        self.tus(Method::PATCH, url)
+            .header("Upload-Offset", offset.to_string())
+            .header("Content-Type", "application/offset+octet-stream")
+    }
+
+    /// Sends a PATCH; fails the test when no answer comes back.
+    pub async fn patch(&self, url: &str, offset: u64, body: impl Into<reqwest::Body>) -> Response {
+        self.patch_request(url, offset)
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("PATCH at {offset} through {} got no answer: {e}", self.name))
+    }
+
+    pub async fn head(&self, url: &str) -> Response {
+        self.tus(Method::HEAD, url).send().await.unwrap_or_else(|e| panic!("HEAD through {}: {e}", self.name))
+    }
+
+    /// The offset HEAD reports.
+    pub async fn offset(&self, url: &str) -> u64 {
+        let response = self.head(url).await;
+        assert_eq!(response.status(), 200, "HEAD {url} through {}", self.name);
+        header(&response, "upload-offset").parse().expect("Upload-Offset is a number")
+    }
+
+    pub async fn download(&self, url: &str) -> Vec<u8> {
+        let response =
+            self.client.get(self.at(url)).send().await.unwrap_or_else(|e| panic!("GET through {}: {e}", self.name));
+        assert_eq!(response.status(), 200, "GET {url} through {}", self.name);
+        response.bytes().await.expect("download body").to_vec()
+    }
+}
+
+/// The writer generation of an upload, read from the database (0 before any append).
+pub async fn generation(app: &TestApp, url: &str) -> i64 {
+    column(app, url, "write_gen").await
+}
+
+/// The committed offset of an upload, read from the database (works with the server stopped).
+pub async fn committed_offset(app: &TestApp, url: &str) -> i64 {
+    column(app, url, "upload_offset").await
+}
+
+async fn column(app: &TestApp, url: &str, name: &str) -> i64 {
+    use sqlx::Connection;
+    let id: uuid::Uuid = url.rsplit('/').next().unwrap().parse().unwrap();
+    let query = format!("SELECT {name} FROM uploads WHERE id = $1");
+    match app.backend {
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(&app.db_url).await.unwrap();
+            sqlx::query_scalar(&query).bind(id).fetch_one(&mut conn).await.unwrap()
+        }
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
+            sqlx::query_scalar(&query).bind(id).fetch_one(&mut conn).await.unwrap()
+        }
+    }
+}

@@ -102,4 +102,32 @@ backend_tests!(
     stalled_body_is_cut_off_and_kept,
     slow_but_moving_upload_succeeds,
     graceful_shutdown_lets_requests_finish,
+    shutdown_saves_what_arrived,
 );
+
+/// SIGTERM with a client that keeps its request open: after the grace period the append keeps
+/// what arrived, answers 503, and the server exits.
+async fn shutdown_saves_what_arrived(backend: Backend) {
+    let mut app = TestApp::spawn_with(backend, |args| args.shutdown_grace = Duration::from_millis(500)).await;
+    let url = app.create(10_000).await;
+    let path = url.strip_prefix(&app.base).unwrap().to_string();
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\nUpload-Offset: 0\r\n\
+         Content-Type: application/offset+octet-stream\r\nContent-Length: 10000\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&[b'k'; 4000]).await.unwrap();
+    wait_for("the append to start", Duration::from_secs(10), || async {
+        app.tus(reqwest::Method::HEAD, &url).send().await.is_ok_and(|r| r.status() == 200)
+            && crate::helpers::generation(&app, &url).await >= 1
+    })
+    .await;
+    let (stopped, answer) = tokio::join!(app.stop(), read_answer(&mut stream));
+    stopped.expect("the server exits cleanly");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.to_lowercase().contains("upload-offset") || answer.contains("resume"), "{answer}");
+    // A new instance on the same database and store sees the saved bytes.
+    let offset = crate::helpers::committed_offset(&app, &url).await;
+    assert_eq!(offset, 4000);
+}

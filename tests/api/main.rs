@@ -3,7 +3,9 @@
 
 mod helpers;
 
+mod access;
 mod clients;
+mod cluster;
 mod concurrency;
 mod creation;
 mod download;
@@ -14,3 +16,4 @@ mod patch;
 mod service;
 mod termination;
 mod validation;
+mod webhooks;

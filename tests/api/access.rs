@@ -1,0 +1,130 @@
+//! Who may upload: upload tokens (JWT) and the application's pre-create hook (a stub app here;
+//! tests/api/backend_app.rs runs the real example app under gunicorn).
+
+use std::time::Duration;
+
+use axum::{Json, Router, http::StatusCode, routing::post};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use reqwest::Method;
+
+use crate::backend_tests;
+use crate::helpers::{Backend, TestApp, header};
+
+const TOKEN_SECRET: &str = "token secret shared with the app";
+
+fn token(secret: &str, sub: &str, exp_in: i64, max_size: Option<u64>) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let mut claims = serde_json::json!({"sub": sub, "exp": now + exp_in});
+    if let Some(max) = max_size {
+        claims["max_size"] = max.into();
+    }
+    encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+}
+
+async fn tokens_guard_every_request(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |args| args.token_secret = Some(TOKEN_SECRET.into())).await;
+    let post = |auth: Option<String>, length: u64| {
+        let mut request = app.tus(Method::POST, &app.files).header("Upload-Length", length.to_string());
+        if let Some(token) = auth {
+            request = request.header("Authorization", format!("Bearer {token}"));
+        }
+        request.send()
+    };
+    let missing = post(None, 10).await.unwrap();
+    assert_eq!(missing.status(), 401);
+    assert_eq!(header(&missing, "www-authenticate"), "Bearer");
+    assert_eq!(post(Some(token("wrong secret", "alice", 60, None)), 10).await.unwrap().status(), 401);
+    let expired = post(Some(token(TOKEN_SECRET, "alice", -60, None)), 10).await.unwrap();
+    assert_eq!(expired.status(), 401);
+    assert!(expired.text().await.unwrap().contains("expired"));
+    assert_eq!(post(Some(token(TOKEN_SECRET, "alice", 60, Some(5))), 10).await.unwrap().status(), 413);
+    assert_eq!(app.upload_count().await, 0, "refused requests created nothing");
+
+    let alice = token(TOKEN_SECRET, "alice", 60, Some(100));
+    let created = post(Some(alice.clone()), 10).await.unwrap();
+    assert_eq!(created.status(), 201);
+    let url = header(&created, "location");
+    let bob = token(TOKEN_SECRET, "bob", 60, None);
+    let as_user =
+        |method: Method, token: &str| app.tus(method, &url).header("Authorization", format!("Bearer {token}"));
+    assert_eq!(as_user(Method::HEAD, &bob).send().await.unwrap().status(), 404, "another owner's upload is unknown");
+    let patch = |token: &str| {
+        as_user(Method::PATCH, token)
+            .header("Upload-Offset", "0")
+            .header("Content-Type", "application/offset+octet-stream")
+            .body("0123456789")
+            .send()
+    };
+    assert_eq!(patch(&bob).await.unwrap().status(), 404);
+    assert_eq!(as_user(Method::DELETE, &bob).send().await.unwrap().status(), 404);
+    assert_eq!(app.tus(Method::HEAD, &url).send().await.unwrap().status(), 401);
+    assert_eq!(patch(&alice).await.unwrap().status(), 204);
+    // Downloads take the token from the query too, for plain links.
+    let link = app.client.get(format!("{url}?token={alice}")).send().await.unwrap();
+    assert_eq!(link.status(), 200);
+    assert_eq!(link.bytes().await.unwrap(), "0123456789");
+    assert_eq!(app.client.get(format!("{url}?token={bob}")).send().await.unwrap().status(), 404);
+}
+
+/// A stub application whose pre-create hook answers with `status` and `body` after `delay`.
+async fn stub_app(status: u16, body: serde_json::Value, delay: Duration) -> String {
+    let hook = post(move || {
+        let body = body.clone();
+        async move {
+            tokio::time::sleep(delay).await;
+            (StatusCode::from_u16(status).unwrap(), Json(body))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/pre-create", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, Router::new().route("/hooks/pre-create", hook)).await.unwrap() });
+    url
+}
+
+async fn pre_create_hook_decides(backend: Backend) {
+    let allow = stub_app(
+        200,
+        serde_json::json!({"owner": "u-7", "metadata": {"uploaded_by": "ann"}, "max_size": 50}),
+        Duration::ZERO,
+    )
+    .await;
+    let app = TestApp::spawn_with(backend, move |args| args.pre_create_url = Some(allow)).await;
+    let created = app
+        .tus(Method::POST, &app.files)
+        .header("Upload-Length", "10")
+        .header("Upload-Metadata", "filename YS50eHQ=")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let head = app.head(&header(&created, "location")).await;
+    let metadata = header(&head, "upload-metadata");
+    assert!(metadata.contains("filename YS50eHQ=") && metadata.contains("uploaded_by YW5u"), "{metadata}");
+    let too_big = app.tus(Method::POST, &app.files).header("Upload-Length", "51").send().await.unwrap();
+    assert_eq!(too_big.status(), 413, "the hook's smaller limit applies");
+
+    let deny = stub_app(403, serde_json::json!({"message": "uploads are closed for today"}), Duration::ZERO).await;
+    let app = TestApp::spawn_with(backend, move |args| args.pre_create_url = Some(deny)).await;
+    let refused = app.tus(Method::POST, &app.files).header("Upload-Length", "10").send().await.unwrap();
+    assert_eq!(refused.status(), 403);
+    assert_eq!(refused.text().await.unwrap(), "uploads are closed for today\n");
+    assert_eq!(app.upload_count().await, 0);
+
+    let slow = stub_app(200, serde_json::json!({}), Duration::from_secs(5)).await;
+    let app = TestApp::spawn_with(backend, move |args| {
+        args.pre_create_url = Some(slow);
+        args.pre_create_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let unavailable = app.tus(Method::POST, &app.files).header("Upload-Length", "10").send().await.unwrap();
+    assert_eq!(unavailable.status(), 503);
+    assert!(unavailable.text().await.unwrap().contains("nothing was created"));
+    assert_eq!(app.upload_count().await, 0);
+
+    let app = TestApp::spawn_with(backend, |args| args.pre_create_url = Some("http://127.0.0.1:9/hooks".into())).await;
+    let down = app.tus(Method::POST, &app.files).header("Upload-Length", "10").send().await.unwrap();
+    assert_eq!(down.status(), 503);
+    assert_eq!(app.upload_count().await, 0);
+}
+
+backend_tests!(tokens_guard_every_request, pre_create_hook_decides);

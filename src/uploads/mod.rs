@@ -34,6 +34,10 @@ pub const WRITE_BUFFER: usize = 256 * 1024;
 /// to a request that is about to commit them).
 pub const ORPHAN_AGE: Duration = Duration::from_secs(600);
 
+/// How long the last PATCH waits for the store to complete the upload before it answers anyway
+/// (the completion goes on in the background).
+pub const COMPLETION_WAIT: Duration = Duration::from_secs(2);
+
 /// How long a presigned download URL stays valid.
 pub const PRESIGNED_URL_TTL: Duration = Duration::from_secs(300);
 
@@ -519,12 +523,15 @@ impl Uploads {
             // this fails or the instance dies, the background job finishes it on any instance.
             let uploads = self.clone();
             let store = row.store.clone();
-            tokio::spawn(async move {
+            let completing = tokio::spawn(async move {
                 if let Err(e) = uploads.finish_parts(request.id, &store).await {
                     tracing::warn!(upload = %request.id, error = %e, "completing the upload failed; retrying in the background");
                     uploads.completion_wanted.notify_one();
                 }
             });
+            // Usually quick: wait a little so that the upload is downloadable when the client
+            // hears back, but never longer than a fixed bound.
+            let _ = tokio::time::timeout(COMPLETION_WAIT, completing).await;
         } else if completes {
             self.metrics.uploads_completed.inc();
             tracing::info!(upload = %request.id, length = to_offset, "upload completed");

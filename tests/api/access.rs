@@ -7,7 +7,7 @@ use axum::{Json, Router, http::StatusCode, routing::post};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use reqwest::Method;
 
-use crate::backend_tests;
+use crate::db_backend_tests;
 use crate::helpers::{Backend, TestApp, header};
 
 const TOKEN_SECRET: &str = "token secret shared with the app";
@@ -127,4 +127,4 @@ async fn pre_create_hook_decides(backend: Backend) {
     assert_eq!(app.upload_count().await, 0);
 }
 
-backend_tests!(tokens_guard_every_request, pre_create_hook_decides);
+db_backend_tests!(tokens_guard_every_request, pre_create_hook_decides);

@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::backend_tests;
-use crate::helpers::{Backend, TestApp, header, wait_for};
+use crate::helpers::{Backend, TestApp, header};
 
 /// A request body fed piece by piece from the test.
 fn channel_body() -> (mpsc::Sender<Bytes>, reqwest::Body) {
@@ -36,10 +36,7 @@ async fn newer_append_supersedes_older(backend: Backend) {
         async move { request.send().await.map(|r| r.status()) }
     });
     a_tx.send(Bytes::from(vec![b'A'; 400_000])).await.unwrap();
-    wait_for("A's first bytes to reach the store", Duration::from_secs(20), || async {
-        app.stored_bytes(&url).len() >= 256 * 1024
-    })
-    .await;
+    app.wait_writing(&url).await;
 
     let b = app.patch(&url, 0, vec![b'B'; len]).await;
     assert_eq!(b.status(), 204, "the newer request wins");
@@ -90,10 +87,7 @@ async fn dead_request_does_not_block_resume(backend: Backend) {
     stalled.write_all(head.as_bytes()).await.unwrap();
     stalled.write_all(&vec![b'X'; 300_000]).await.unwrap();
     stalled.flush().await.unwrap();
-    wait_for("the stalled request's bytes to reach the store", Duration::from_secs(20), || async {
-        app.stored_bytes(&url).len() >= 256 * 1024
-    })
-    .await;
+    app.wait_writing(&url).await;
 
     let started = Instant::now();
     let offset = app.offset(&url).await;

@@ -20,6 +20,26 @@ macro_rules! backend_tests {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() { super::$name($crate::helpers::Backend::Postgres).await })*
         }
+        mod s3 {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::helpers::Backend::S3).await })*
+        }
+    };
+}
+
+/// Like `backend_tests!`, on the two databases with the local store only (for features whose
+/// store does not matter).
+#[macro_export]
+macro_rules! db_backend_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::helpers::Backend::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::helpers::Backend::Postgres).await })*
+        }
     };
 }
 
@@ -27,6 +47,8 @@ macro_rules! backend_tests {
 pub enum Backend {
     Sqlite,
     Postgres,
+    /// PostgreSQL and an S3 store (a fresh bucket on FERRY_TEST_S3_ENDPOINT).
+    S3,
 }
 
 pub struct TestApp {
@@ -39,6 +61,8 @@ pub struct TestApp {
     pub store_dir: PathBuf,
     pub db_url: String,
     pub backend: Backend,
+    /// The bucket of an S3 test.
+    pub bucket: Option<S3Bucket>,
     _dir: tempfile::TempDir,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -54,7 +78,7 @@ fn init_logging() {
 pub async fn fresh_database(backend: Backend, dir: &std::path::Path) -> String {
     match backend {
         Backend::Sqlite => format!("sqlite://{}", dir.join("ferry.db").display()),
-        Backend::Postgres => {
+        Backend::Postgres | Backend::S3 => {
             use sqlx::{Connection, Executor};
             let admin = std::env::var("FERRY_TEST_POSTGRES")
                 .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
@@ -93,8 +117,19 @@ impl TestApp {
         let dir = tempfile::tempdir().expect("temp dir");
         let db_url = fresh_database(backend, dir.path()).await;
         let mut args = serve_args(dir.path(), &db_url);
+        let bucket = match backend {
+            Backend::S3 => {
+                let bucket = S3Bucket::create().await;
+                args.store = Some(bucket.store_url());
+                args.store_options = bucket.env().into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+                Some(bucket)
+            }
+            _ => None,
+        };
         configure(&mut args);
-        Self::start(backend, dir, db_url, args).await
+        let mut app = Self::start(backend, dir, db_url, args).await;
+        app.bucket = bucket;
+        app
     }
 
     /// Starts a server with exactly these arguments (the database must exist).
@@ -116,6 +151,7 @@ impl TestApp {
             store_dir,
             db_url,
             backend,
+            bucket: None,
             _dir: dir,
             shutdown: Some(tx),
             task: Some(task),
@@ -194,6 +230,18 @@ impl TestApp {
         response.bytes().await.unwrap().to_vec()
     }
 
+    /// Waits until an append to `url` has started writing (it holds the writer generation and,
+    /// on local disk, has written at least 256 KiB; an S3 append buffers a whole part first).
+    pub async fn wait_writing(&self, url: &str) {
+        wait_for("the append to be writing", Duration::from_secs(20), || async {
+            match self.backend {
+                Backend::S3 => generation(self, url).await >= 1,
+                _ => self.stored_bytes(url).len() >= 256 * 1024,
+            }
+        })
+        .await;
+    }
+
     /// How many uploads the database holds, in any state.
     pub async fn upload_count(&self) -> i64 {
         use sqlx::Connection;
@@ -202,15 +250,23 @@ impl TestApp {
                 let mut conn = sqlx::SqliteConnection::connect(&self.db_url).await.unwrap();
                 sqlx::query_scalar("SELECT COUNT(*) FROM uploads").fetch_one(&mut conn).await.unwrap()
             }
-            Backend::Postgres => {
+            Backend::Postgres | Backend::S3 => {
                 let mut conn = sqlx::PgConnection::connect(&self.db_url).await.unwrap();
                 sqlx::query_scalar("SELECT COUNT(*) FROM uploads").fetch_one(&mut conn).await.unwrap()
             }
         }
     }
 
-    /// Files in the store's `uploads/` folder.
+    /// What the store holds: files in the `uploads/` folder, or for S3 the bucket's objects
+    /// (`<id>` or `staging/<id>/...`) and unfinished multipart uploads (`multipart <id>`).
     pub fn stored_files(&self) -> Vec<String> {
+        if let Some(bucket) = &self.bucket {
+            let inventory = block_on(bucket.inventory());
+            return inventory
+                .into_iter()
+                .map(|line| line.split(" (").next().unwrap_or_default().replace("uploads/", ""))
+                .collect();
+        }
         let mut names: Vec<String> = std::fs::read_dir(self.store_dir.join("uploads"))
             .map(|dir| dir.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
@@ -218,9 +274,24 @@ impl TestApp {
         names
     }
 
-    /// The bytes stored for an upload URL, read straight from disk.
+    /// The bytes stored for an upload URL, read straight from disk; for S3 the object, or before
+    /// it is complete the staged bytes.
     pub fn stored_bytes(&self, url: &str) -> Vec<u8> {
         let id = url.rsplit('/').next().unwrap();
+        if let Some(bucket) = &self.bucket {
+            return block_on(async {
+                if let Some(bytes) = bucket.get(&format!("{S3_PREFIX}/uploads/{id}")).await {
+                    return bytes;
+                }
+                let mut staged = Vec::new();
+                for (key, _) in bucket.objects().await {
+                    if key.starts_with(&format!("{S3_PREFIX}/staging/{id}/")) {
+                        staged.extend(bucket.get(&key).await.unwrap_or_default());
+                    }
+                }
+                staged
+            });
+        }
         std::fs::read(self.store_dir.join("uploads").join(id)).unwrap_or_default()
     }
 }
@@ -230,7 +301,7 @@ impl Drop for TestApp {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        if self.backend == Backend::Postgres {
+        if self.backend != Backend::Sqlite {
             drop_database(&self.db_url);
         }
     }
@@ -899,9 +970,14 @@ async fn column(app: &TestApp, url: &str, name: &str) -> i64 {
             let mut conn = sqlx::SqliteConnection::connect(&app.db_url).await.unwrap();
             sqlx::query_scalar(&query).bind(id).fetch_one(&mut conn).await.unwrap()
         }
-        Backend::Postgres => {
+        Backend::Postgres | Backend::S3 => {
             let mut conn = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
             sqlx::query_scalar(&query).bind(id).fetch_one(&mut conn).await.unwrap()
         }
     }
+}
+
+/// Runs a future to completion from synchronous test code (on the multi-threaded test runtime).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
 }

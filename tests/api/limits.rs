@@ -82,10 +82,7 @@ async fn graceful_shutdown_lets_requests_finish(backend: Backend) {
         .body(reqwest::Body::wrap_stream(body));
     let in_flight = tokio::spawn(async move { request.send().await.map(|r| r.status().as_u16()) });
     tx.send(vec![1u8; 300_000]).await.unwrap();
-    wait_for("the first bytes to arrive", Duration::from_secs(20), || async {
-        app.stored_bytes(&url).len() >= 256 * 1024
-    })
-    .await;
+    app.wait_writing(&url).await;
     let addr = app.addr;
     let (stopped, answered) = tokio::join!(app.stop(), async move {
         tx.send(vec![1u8; 300_000]).await.unwrap();

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 
-use crate::backend_tests;
+use crate::db_backend_tests;
 use crate::helpers::{Backend, TestApp};
 
 /// The value of one sample line (`name{labels} value`) in a Prometheus text page.
@@ -55,4 +55,4 @@ async fn metrics_on_their_own_listener(backend: Backend) {
     assert!(page.contains("ferry_uploads_created_total 0"), "{page}");
 }
 
-backend_tests!(readiness_follows_the_store, metrics_count_what_happened, metrics_on_their_own_listener);
+db_backend_tests!(readiness_follows_the_store, metrics_count_what_happened, metrics_on_their_own_listener);

@@ -10,7 +10,7 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use hmac::{KeyInit, Mac};
 use reqwest::Method;
 
-use crate::backend_tests;
+use crate::db_backend_tests;
 use crate::helpers::{Backend, TestApp, wait_for};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -229,7 +229,7 @@ async fn expiry_is_an_event(backend: Backend) {
     let _ = url;
 }
 
-backend_tests!(
+db_backend_tests!(
     completed_upload_events,
     failures_are_retried_in_order,
     gone_receiver_stops_and_cli_redelivers,

@@ -83,6 +83,14 @@ pub enum UploadError {
     Internal(#[from] anyhow::Error),
 }
 
+impl UploadError {
+    /// A refusal of a request whose body may still be arriving (not a stalled or broken body,
+    /// not a fault of ferry).
+    fn body_may_still_arrive(&self) -> bool {
+        !matches!(self, Self::Internal(_) | Self::ShuttingDown | Self::BodyTimeout(_) | Self::BodyCutOff(_))
+    }
+}
+
 impl From<RepoError> for UploadError {
     fn from(e: RepoError) -> Self {
         Self::Internal(e.into())
@@ -419,12 +427,21 @@ impl Uploads {
         // The append runs in a task of its own, so the bytes that arrived are stored and
         // committed even if the connection (and the request future with it) goes away mid-body.
         let uploads = self.clone();
-        tokio::spawn(async move { uploads.append_here(request, body).await })
-            .await
-            .map_err(|e| anyhow::anyhow!("append task failed: {e}"))?
+        tokio::spawn(async move {
+            let mut body = body;
+            let result = uploads.append_here(request, &mut body).await;
+            if matches!(result, Err(ref e) if e.body_may_still_arrive()) {
+                // Read what the client is still sending, so that it hears the answer instead
+                // of a connection reset mid-upload (bounded: a request is at most one chunk).
+                drain(&mut body, DRAIN_LIMIT, uploads.settings.idle_timeout).await;
+            }
+            result
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("append task failed: {e}"))?
     }
 
-    async fn append_here(&self, request: AppendRequest, body: BodyStream) -> Result<Appended> {
+    async fn append_here(&self, request: AppendRequest, body: &mut BodyStream) -> Result<Appended> {
         let row = self.load(request.id).await?;
         let length = self.check_appendable(&row, &request)?;
         let remaining = length.unwrap_or(self.settings.max_size) - request.offset;
@@ -731,6 +748,21 @@ struct BodyBounds<'a> {
     stopping: &'a CancellationToken,
 }
 
+/// At most this much of a refused request's body is read and discarded before answering.
+const DRAIN_LIMIT: u64 = 64 << 20;
+
+/// Reads and discards what is left of a body, up to `limit` bytes, while it keeps moving.
+async fn drain(body: &mut BodyStream, limit: u64, idle_timeout: Duration) {
+    let mut read = 0u64;
+    while read < limit {
+        match tokio::time::timeout(idle_timeout, body.next()).await {
+            Ok(Some(Ok(BodyEvent::Data(data)))) => read += data.len() as u64,
+            Ok(Some(Ok(BodyEvent::TrailerChecksum(_)))) => {}
+            _ => break,
+        }
+    }
+}
+
 /// How a body ended.
 enum Ending {
     Complete,
@@ -795,7 +827,7 @@ impl WriterCheck for CurrentWriter {
 
 /// Reads a body through a bounded buffer into the store, hashing on the way.
 async fn receive(
-    mut body: BodyStream,
+    body: &mut BodyStream,
     mut appender: Box<dyn crate::store::Appender>,
     mut hasher: FileHasher,
     plan: ChecksumPlan,

@@ -69,8 +69,9 @@ pub struct WebhookSettings {
     pub retry_min: Duration,
 }
 
-/// How long a claimed event is held before another instance may retry it.
-const CLAIM_LEASE: Duration = Duration::from_secs(60);
+/// A claimed event is held for the delivery timeout plus this margin; if the instance dies
+/// mid-delivery, another instance retries it then (and the upload's later events wait that long).
+const CLAIM_MARGIN: Duration = Duration::from_secs(5);
 /// How often the dispatcher looks for due events when it has nothing to do.
 const POLL: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
@@ -116,7 +117,8 @@ impl Dispatcher {
     /// Claims and delivers one due event; false when none was due.
     pub async fn deliver_one(&self, url: &str) -> anyhow::Result<bool> {
         let now = now_ms();
-        let Some(event) = self.repo.claim_event(now, now + CLAIM_LEASE.as_millis() as i64).await? else {
+        let lease = (self.settings.timeout + CLAIM_MARGIN).as_millis() as i64;
+        let Some(event) = self.repo.claim_event(now, now + lease).await? else {
             return Ok(false);
         };
         let outcome = self.attempt(url, &event).await;

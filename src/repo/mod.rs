@@ -40,6 +40,8 @@ pub struct UploadRow {
     pub owner: Option<String>,
     pub write_gen: i64,
     pub store: StoreUpload,
+    /// A smaller size limit than `--max-size` for this upload.
+    pub size_limit: Option<u64>,
     pub created_at: i64,
     pub updated_at: i64,
     pub expires_at: Option<i64>,
@@ -57,6 +59,7 @@ pub struct NewUpload {
     pub sha256: Option<[u8; 32]>,
     pub owner: Option<String>,
     pub store: StoreUpload,
+    pub size_limit: Option<u64>,
     pub now: i64,
     pub expires_at: Option<i64>,
 }

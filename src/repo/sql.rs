@@ -56,7 +56,7 @@ impl SqliteRepo {
 }
 
 const COLUMNS: &str = "id, length, upload_offset, metadata, state, concat, concat_parts, hash_state, sha256, \
-                       owner, write_gen, multipart_id, part_size, created_at, updated_at, expires_at";
+                       owner, write_gen, multipart_id, part_size, size_limit, created_at, updated_at, expires_at";
 
 fn to_i64(value: u64) -> i64 {
     i64::try_from(value).expect("sizes are validated to fit in i64")
@@ -125,6 +125,7 @@ where
             multipart_id: row.try_get("multipart_id")?,
             part_size: row.try_get::<Option<i64>, _>("part_size")?.map(|s| s as u64),
         },
+        size_limit: row.try_get::<Option<i64>, _>("size_limit")?.map(|s| s as u64),
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         expires_at: row.try_get("expires_at")?,
@@ -201,8 +202,8 @@ macro_rules! sql_repo {
                 let mut tx = self.pool.begin().await?;
                 sqlx::query(
                     "INSERT INTO uploads (id, length, upload_offset, metadata, state, concat, concat_parts, \
-                     hash_state, sha256, owner, created_at, updated_at, expires_at, multipart_id, part_size) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, $13, $14)",
+                     hash_state, sha256, owner, created_at, updated_at, expires_at, multipart_id, part_size, size_limit) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, $13, $14, $15)",
                 )
                 .bind(upload.id.uuid())
                 .bind(upload.length.map(to_i64))
@@ -218,6 +219,7 @@ macro_rules! sql_repo {
                 .bind(upload.expires_at)
                 .bind(&upload.store.multipart_id)
                 .bind(upload.store.part_size.map(to_i64))
+                .bind(upload.size_limit.map(to_i64))
                 .execute(&mut *tx)
                 .await?;
                 insert_events!(tx, events);

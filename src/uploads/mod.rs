@@ -189,6 +189,7 @@ impl From<&NewUpload> for UploadRow {
             owner: new.owner.clone(),
             write_gen: 0,
             store: new.store.clone(),
+            size_limit: new.size_limit,
             created_at: new.now,
             updated_at: new.now,
             expires_at: new.expires_at,
@@ -279,6 +280,11 @@ impl Uploads {
         now + self.settings.expire_after.as_millis() as i64
     }
 
+    /// The largest an upload may be: `--max-size`, or its own smaller limit.
+    fn limit_of(&self, size_limit: Option<u64>) -> u64 {
+        size_limit.map_or(self.settings.max_size, |l| l.min(self.settings.max_size))
+    }
+
     fn check_size(&self, length: u64) -> Result<()> {
         if length > self.settings.max_size {
             return Err(UploadError::TooLarge(format!(
@@ -352,7 +358,7 @@ impl Uploads {
         let expires_at = (state == UploadState::Receiving).then(|| self.expiry(now));
         // A final upload's bytes are written by the job that assembles it.
         let store = if !matches!(concat, Concat::Final(_)) || length == Some(0) {
-            self.store.create(id, length.unwrap_or(self.settings.max_size), length == Some(0)).await?
+            self.store.create(id, length.unwrap_or(self.limit_of(request.max_size)), length == Some(0)).await?
         } else {
             StoreUpload::default()
         };
@@ -366,6 +372,7 @@ impl Uploads {
             sha256,
             owner: request.owner,
             store,
+            size_limit: request.max_size,
             now,
             expires_at,
         };
@@ -444,7 +451,7 @@ impl Uploads {
     async fn append_here(&self, request: AppendRequest, body: &mut BodyStream) -> Result<Appended> {
         let row = self.load(request.id).await?;
         let length = self.check_appendable(&row, &request)?;
-        let remaining = length.unwrap_or(self.settings.max_size) - request.offset;
+        let remaining = length.unwrap_or(self.limit_of(row.size_limit)) - request.offset;
         if let Some(content_length) = request.content_length
             && content_length > remaining
         {
@@ -594,6 +601,12 @@ impl Uploads {
             (Some(known), _) => Ok(Some(known)),
             (None, Some(declared)) => {
                 self.check_size(declared)?;
+                let limit = self.limit_of(row.size_limit);
+                if declared > limit {
+                    return Err(UploadError::TooLarge(format!(
+                        "Upload-Length {declared} is larger than the {limit} bytes this upload may have"
+                    )));
+                }
                 if declared < row.offset {
                     return Err(UploadError::Invalid(format!(
                         "Upload-Length {declared} is smaller than the {} bytes already received",

@@ -4,6 +4,7 @@
 mod helpers;
 
 mod access;
+mod backend_app;
 mod clients;
 mod cluster;
 mod concurrency;

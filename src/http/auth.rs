@@ -134,4 +134,20 @@ mod tests {
         assert!(verifier.verify(&token("s3cret", serde_json::json!({"sub": "u1"}))).is_err(), "exp is required");
         assert!(verifier.verify("not.a.jwt").is_err());
     }
+
+    // A key pair made for this test only (openssl genpkey -algorithm ed25519).
+    const ED_PRIVATE: &str = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEII2NTp0U7zghZn4U68EyRG8AjQxkWCJObN+xy4bTW1cD\n-----END PRIVATE KEY-----\n";
+    const ED_PUBLIC: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAVrvKp8J+kVm2CTqT+K+QeytNNU9FDphyhiBV86Pqnlw=\n-----END PUBLIC KEY-----\n";
+
+    #[test]
+    fn eddsa_tokens() {
+        let verifier = TokenVerifier::eddsa(ED_PUBLIC.as_bytes()).unwrap();
+        let key = EncodingKey::from_ed_pem(ED_PRIVATE.as_bytes()).unwrap();
+        let claims = serde_json::json!({"sub": "u2", "exp": in_a_minute()});
+        let signed = encode(&Header::new(Algorithm::EdDSA), &claims, &key).unwrap();
+        assert_eq!(verifier.verify(&signed).unwrap().owner, "u2");
+        // An HS256 token signed with the public key's bytes must not pass (no algorithm switching).
+        let forged = token(ED_PUBLIC, serde_json::json!({"sub": "u2", "exp": in_a_minute()}));
+        assert!(verifier.verify(&forged).is_err());
+    }
 }

@@ -32,6 +32,9 @@ pub struct Allowed {
     /// A smaller size limit for this upload.
     #[serde(default)]
     pub max_size: Option<u64>,
+    /// Where in the store the upload's object goes: `uploads/<key_prefix><id>`.
+    #[serde(default)]
+    pub key_prefix: Option<String>,
 }
 
 #[derive(Debug)]
@@ -82,6 +85,11 @@ impl PreCreate {
                 return Decision::Allow(Allowed::default());
             }
             return match serde_json::from_str::<Allowed>(&body) {
+                Ok(allowed) if allowed.key_prefix.as_deref().is_some_and(|p| !crate::store::valid_key_prefix(p)) => {
+                    Decision::Unavailable(
+                        "its key_prefix is not a relative path of letters, digits, '.', '_', '-' and '/'".into(),
+                    )
+                }
                 Ok(allowed) => Decision::Allow(allowed),
                 Err(e) => Decision::Unavailable(format!("its answer is not the expected JSON: {e}")),
             };

@@ -148,6 +148,7 @@ pub async fn create(
     let caller = caller.map(|Extension(caller)| caller);
     let mut owner = caller.as_ref().map(|c| c.owner.clone());
     let mut max_size = caller.as_ref().and_then(|c| c.max_size);
+    let mut key_prefix = None;
     if let Some(precreate) = &state.precreate {
         let request = PreCreateRequest {
             length,
@@ -173,6 +174,7 @@ pub async fn create(
                 }
                 // A token's subject wins over the hook's owner; the smaller size limit wins.
                 owner = owner.or(allowed.owner);
+                key_prefix = allowed.key_prefix;
                 max_size = match (max_size, allowed.max_size) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
@@ -187,7 +189,7 @@ pub async fn create(
             }
         }
     }
-    let upload = state.uploads.create(CreateRequest { length, metadata, concat, owner, max_size }).await?;
+    let upload = state.uploads.create(CreateRequest { length, metadata, concat, owner, max_size, key_prefix }).await?;
     let location = upload_url(&state, &request_headers, upload.id);
     let mut offset = upload.offset;
     let mut expires_at = upload.expires_at;

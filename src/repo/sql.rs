@@ -56,7 +56,7 @@ impl SqliteRepo {
 }
 
 const COLUMNS: &str = "id, length, upload_offset, metadata, state, concat, concat_parts, hash_state, sha256, \
-                       owner, write_gen, multipart_id, part_size, size_limit, created_at, updated_at, expires_at";
+                       owner, write_gen, multipart_id, part_size, key_prefix, size_limit, created_at, updated_at, expires_at";
 
 fn to_i64(value: u64) -> i64 {
     i64::try_from(value).expect("sizes are validated to fit in i64")
@@ -124,6 +124,7 @@ where
         store: StoreUpload {
             multipart_id: row.try_get("multipart_id")?,
             part_size: row.try_get::<Option<i64>, _>("part_size")?.map(|s| s as u64),
+            key_prefix: row.try_get("key_prefix")?,
         },
         size_limit: row.try_get::<Option<i64>, _>("size_limit")?.map(|s| s as u64),
         created_at: row.try_get("created_at")?,
@@ -202,8 +203,8 @@ macro_rules! sql_repo {
                 let mut tx = self.pool.begin().await?;
                 sqlx::query(
                     "INSERT INTO uploads (id, length, upload_offset, metadata, state, concat, concat_parts, \
-                     hash_state, sha256, owner, created_at, updated_at, expires_at, multipart_id, part_size, size_limit) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, $13, $14, $15)",
+                     hash_state, sha256, owner, created_at, updated_at, expires_at, multipart_id, part_size, size_limit, key_prefix) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, $13, $14, $15, $16)",
                 )
                 .bind(upload.id.uuid())
                 .bind(upload.length.map(to_i64))
@@ -220,6 +221,7 @@ macro_rules! sql_repo {
                 .bind(&upload.store.multipart_id)
                 .bind(upload.store.part_size.map(to_i64))
                 .bind(upload.size_limit.map(to_i64))
+                .bind(&upload.store.key_prefix)
                 .execute(&mut *tx)
                 .await?;
                 insert_events!(tx, events);

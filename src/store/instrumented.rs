@@ -31,8 +31,14 @@ async fn timed<T>(metrics: &Metrics, operation: &'static str, work: impl Future<
 
 #[async_trait]
 impl Store for Instrumented {
-    async fn create(&self, id: UploadId, max_length: u64, empty: bool) -> Result<StoreUpload> {
-        timed(&self.metrics, "create", self.inner.create(id, max_length, empty)).await
+    async fn create(
+        &self,
+        id: UploadId,
+        key_prefix: Option<String>,
+        max_length: u64,
+        empty: bool,
+    ) -> Result<StoreUpload> {
+        timed(&self.metrics, "create", self.inner.create(id, key_prefix, max_length, empty)).await
     }
 
     async fn append(&self, context: AppendContext) -> Result<Box<dyn Appender>> {
@@ -48,12 +54,12 @@ impl Store for Instrumented {
         timed(&self.metrics, "complete", self.inner.complete(id, upload, parts)).await
     }
 
-    async fn read(&self, id: UploadId, range: Option<Range<u64>>) -> Result<Download> {
-        timed(&self.metrics, "read", self.inner.read(id, range)).await
+    async fn read(&self, id: UploadId, upload: &StoreUpload, range: Option<Range<u64>>) -> Result<Download> {
+        timed(&self.metrics, "read", self.inner.read(id, upload, range)).await
     }
 
-    async fn write_stream(&self, id: UploadId, stream: ByteStream) -> Result<u64> {
-        timed(&self.metrics, "write_stream", self.inner.write_stream(id, stream)).await
+    async fn write_stream(&self, id: UploadId, upload: &StoreUpload, stream: ByteStream) -> Result<u64> {
+        timed(&self.metrics, "write_stream", self.inner.write_stream(id, upload, stream)).await
     }
 
     async fn delete(&self, id: UploadId, upload: &StoreUpload, staged: &[Staged]) -> Result<()> {
@@ -68,12 +74,12 @@ impl Store for Instrumented {
         timed(&self.metrics, "delete_staged", self.inner.delete_staged(key)).await
     }
 
-    async fn presign(&self, id: UploadId, expires_in: Duration) -> Result<Option<String>> {
-        timed(&self.metrics, "presign", self.inner.presign(id, expires_in)).await
+    async fn presign(&self, id: UploadId, upload: &StoreUpload, expires_in: Duration) -> Result<Option<String>> {
+        timed(&self.metrics, "presign", self.inner.presign(id, upload, expires_in)).await
     }
 
-    fn location(&self, id: UploadId) -> String {
-        self.inner.location(id)
+    fn location(&self, id: UploadId, upload: &StoreUpload) -> String {
+        self.inner.location(id, upload)
     }
 
     async fn ping(&self) -> Result<()> {

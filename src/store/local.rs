@@ -26,7 +26,7 @@ use object_store::{
 
 use super::{
     AppendContext, AppendOutcome, Appender, ByteStream, Download, Part, Result, Staged, StagedObject, Store,
-    StoreError, StoreUpload, object_path,
+    StoreError, StoreUpload,
 };
 use crate::uploads::types::UploadId;
 
@@ -44,12 +44,13 @@ impl LocalStore {
         Ok(Self { fs: Arc::new(fs), root })
     }
 
-    fn data_path(&self, id: UploadId) -> Result<PathBuf> {
-        Ok(self.fs.path_to_filesystem(&object_path(id))?)
+    fn data_path(&self, id: UploadId, upload: &StoreUpload) -> Result<PathBuf> {
+        Ok(self.fs.path_to_filesystem(&upload.object_path(id))?)
     }
 
-    fn lock_path(&self, id: UploadId) -> PathBuf {
-        self.root.join("uploads").join(format!("{id}.lock"))
+    /// Beside the data: `<id>.lock`.
+    fn lock_path(&self, id: UploadId, upload: &StoreUpload) -> Result<PathBuf> {
+        Ok(self.data_path(id, upload)?.with_file_name(format!("{id}.lock")))
     }
 }
 
@@ -74,20 +75,30 @@ fn read_generation(lock: &File) -> io::Result<i64> {
 
 #[async_trait]
 impl Store for LocalStore {
-    async fn create(&self, id: UploadId, _max_length: u64, _empty: bool) -> Result<StoreUpload> {
-        let data = self.data_path(id)?;
+    async fn create(
+        &self,
+        id: UploadId,
+        key_prefix: Option<String>,
+        _max_length: u64,
+        _empty: bool,
+    ) -> Result<StoreUpload> {
+        let upload = StoreUpload { key_prefix, ..Default::default() };
+        let data = self.data_path(id, &upload)?;
         blocking(move || {
+            if let Some(folder) = data.parent() {
+                std::fs::create_dir_all(folder)?;
+            }
             OpenOptions::new().write(true).create(true).truncate(false).open(&data)?.sync_all()?;
             Ok(())
         })
         .await?;
-        Ok(StoreUpload::default())
+        Ok(upload)
     }
 
     async fn append(&self, context: AppendContext) -> Result<Box<dyn Appender>> {
-        let AppendContext { id, offset, generation, .. } = context;
-        let data_path = self.data_path(id)?;
-        let lock_path = self.lock_path(id);
+        let AppendContext { id, offset, generation, upload, .. } = context;
+        let data_path = self.data_path(id, &upload)?;
+        let lock_path = self.lock_path(id, &upload)?;
         let (data, lock) = blocking(move || {
             let data = OpenOptions::new().write(true).create(true).truncate(false).open(&data_path)?;
             let lock = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path)?;
@@ -119,8 +130,8 @@ impl Store for LocalStore {
         Ok(())
     }
 
-    async fn read(&self, id: UploadId, range: Option<Range<u64>>) -> Result<Download> {
-        let path = object_path(id);
+    async fn read(&self, id: UploadId, upload: &StoreUpload, range: Option<Range<u64>>) -> Result<Download> {
+        let path = upload.object_path(id);
         let size = match self.fs.head(&path).await {
             Ok(meta) => meta.size,
             Err(object_store::Error::NotFound { .. }) => return Err(StoreError::NotFound),
@@ -135,8 +146,8 @@ impl Store for LocalStore {
         Ok(Download { size, stream: result.into_stream().map_err(StoreError::from).boxed() })
     }
 
-    async fn write_stream(&self, id: UploadId, mut stream: ByteStream) -> Result<u64> {
-        let upload = self.fs.put_multipart(&object_path(id)).await?;
+    async fn write_stream(&self, id: UploadId, upload: &StoreUpload, mut stream: ByteStream) -> Result<u64> {
+        let upload = self.fs.put_multipart(&upload.object_path(id)).await?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, 8 << 20);
         let mut written = 0u64;
         while let Some(chunk) = stream.next().await {
@@ -155,8 +166,8 @@ impl Store for LocalStore {
         Ok(written)
     }
 
-    async fn delete(&self, id: UploadId, _upload: &StoreUpload, _staged: &[Staged]) -> Result<()> {
-        for path in [self.data_path(id)?, self.lock_path(id)] {
+    async fn delete(&self, id: UploadId, upload: &StoreUpload, _staged: &[Staged]) -> Result<()> {
+        for path in [self.data_path(id, upload)?, self.lock_path(id, upload)?] {
             match tokio::fs::remove_file(&path).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -174,12 +185,17 @@ impl Store for LocalStore {
         Ok(())
     }
 
-    async fn presign(&self, _id: UploadId, _expires_in: std::time::Duration) -> Result<Option<String>> {
+    async fn presign(
+        &self,
+        _id: UploadId,
+        _upload: &StoreUpload,
+        _expires_in: std::time::Duration,
+    ) -> Result<Option<String>> {
         Ok(None)
     }
 
-    fn location(&self, id: UploadId) -> String {
-        self.data_path(id).map(|p| p.display().to_string()).unwrap_or_default()
+    fn location(&self, id: UploadId, upload: &StoreUpload) -> String {
+        self.data_path(id, upload).map(|p| p.display().to_string()).unwrap_or_default()
     }
 
     async fn ping(&self) -> Result<()> {

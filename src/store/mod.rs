@@ -55,6 +55,25 @@ pub struct StoreUpload {
     /// Every part but the last has exactly this size, so part `i` covers
     /// `[i * part_size, (i + 1) * part_size)`.
     pub part_size: Option<u64>,
+    /// Put before the id in the object's key (`uploads/<key_prefix><id>`), as the pre-create
+    /// hook asked; checked by [`valid_key_prefix`].
+    pub key_prefix: Option<String>,
+}
+
+impl StoreUpload {
+    /// The object key of this upload's bytes.
+    pub fn object_path(&self, id: UploadId) -> Path {
+        Path::from(format!("uploads/{}{id}", self.key_prefix.as_deref().unwrap_or("")))
+    }
+}
+
+/// A key prefix is a relative path of letters, digits, `.`, `_`, `-` and `/`, with no empty or
+/// dot-only segments, at most 128 characters.
+pub fn valid_key_prefix(prefix: &str) -> bool {
+    prefix.len() <= 128
+        && !prefix.starts_with('/')
+        && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+        && prefix.trim_end_matches('/').split('/').all(|s| !s.is_empty() && s != "." && s != "..")
 }
 
 /// A part of a multipart upload, stored and ready to be completed.
@@ -110,8 +129,15 @@ pub struct AppendOutcome {
 /// Bytes of uploads.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Prepares a new upload of at most `max_length` bytes; `empty` uploads are complete at once.
-    async fn create(&self, id: UploadId, max_length: u64, empty: bool) -> Result<StoreUpload>;
+    /// Prepares a new upload of at most `max_length` bytes under `key_prefix`; `empty` uploads
+    /// are complete at once.
+    async fn create(
+        &self,
+        id: UploadId,
+        key_prefix: Option<String>,
+        max_length: u64,
+        empty: bool,
+    ) -> Result<StoreUpload>;
 
     /// Opens an append. Bytes become durable with [`Appender::finish`]; a writer of an older
     /// generation gets [`StoreError::Superseded`].
@@ -125,10 +151,10 @@ pub trait Store: Send + Sync + 'static {
     async fn complete(&self, id: UploadId, upload: &StoreUpload, parts: &[Part]) -> Result<()>;
 
     /// Reads an upload's bytes, or a range of them.
-    async fn read(&self, id: UploadId, range: Option<Range<u64>>) -> Result<Download>;
+    async fn read(&self, id: UploadId, upload: &StoreUpload, range: Option<Range<u64>>) -> Result<Download>;
 
     /// Writes an upload's bytes in one go from a stream (used by background jobs).
-    async fn write_stream(&self, id: UploadId, stream: ByteStream) -> Result<u64>;
+    async fn write_stream(&self, id: UploadId, upload: &StoreUpload, stream: ByteStream) -> Result<u64>;
 
     /// Deletes everything stored for an upload: bytes, multipart upload, staged objects.
     /// Deleting twice is fine.
@@ -143,10 +169,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short-lived URL the client can download a completed upload from directly, where the
     /// store supports it.
-    async fn presign(&self, id: UploadId, expires_in: Duration) -> Result<Option<String>>;
+    async fn presign(&self, id: UploadId, upload: &StoreUpload, expires_in: Duration) -> Result<Option<String>>;
 
     /// A readable description of where an upload's bytes are (a path or a bucket and key).
-    fn location(&self, id: UploadId) -> String;
+    fn location(&self, id: UploadId, upload: &StoreUpload) -> String;
 
     /// Checks that the store answers.
     async fn ping(&self) -> Result<()>;
@@ -170,11 +196,6 @@ pub trait Appender: Send {
     async fn finish(self: Box<Self>, last: bool) -> Result<AppendOutcome>;
 }
 
-/// The object key of an upload's bytes.
-pub fn object_path(id: UploadId) -> Path {
-    Path::from(format!("uploads/{id}"))
-}
-
 /// Opens the store named by `url`: a local folder (`/path`, `./path` or `file:///path`), or
 /// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix` configured from the
 /// environment as object_store reads it (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
@@ -186,4 +207,23 @@ pub fn open(url: &str, options: ObjectStoreOptions) -> anyhow::Result<Arc<dyn St
         return Ok(Arc::new(ObjectBackend::from_url(url, options)?));
     }
     Ok(Arc::new(LocalStore::new(url)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_prefixes() {
+        for good in ["alice/", "team-1/2026/", "a.b_c", "x"] {
+            assert!(valid_key_prefix(good), "{good}");
+        }
+        for bad in ["/abs/", "../up/", "a/../b/", "a//b/", "./", "sp ace/", "ümlaut/", &"x".repeat(129)] {
+            assert!(!valid_key_prefix(bad), "{bad}");
+        }
+        let id = UploadId::new();
+        let upload = StoreUpload { key_prefix: Some("alice/".into()), ..Default::default() };
+        assert_eq!(upload.object_path(id).to_string(), format!("uploads/alice/{id}"));
+        assert_eq!(StoreUpload::default().object_path(id).to_string(), format!("uploads/{id}"));
+    }
 }

@@ -110,8 +110,8 @@ impl ObjectBackend {
         if self.prefix.is_empty() { Path::from(relative) } else { Path::from(format!("{}/{relative}", self.prefix)) }
     }
 
-    fn upload_path(&self, id: UploadId) -> Path {
-        self.key(&format!("uploads/{id}"))
+    fn upload_path(&self, id: UploadId, upload: &StoreUpload) -> Path {
+        self.key(upload.object_path(id).as_ref())
     }
 
     /// The part size for an upload of at most `max_length` bytes: the configured size, raised
@@ -131,14 +131,21 @@ fn ignore_not_found(result: object_store::Result<()>) -> Result<()> {
 
 #[async_trait]
 impl Store for ObjectBackend {
-    async fn create(&self, id: UploadId, max_length: u64, empty: bool) -> Result<StoreUpload> {
-        let path = self.upload_path(id);
+    async fn create(
+        &self,
+        id: UploadId,
+        key_prefix: Option<String>,
+        max_length: u64,
+        empty: bool,
+    ) -> Result<StoreUpload> {
+        let upload = StoreUpload { key_prefix, ..Default::default() };
+        let path = self.upload_path(id, &upload);
         if empty {
             self.store.put(&path, PutPayload::new()).await?;
-            return Ok(StoreUpload::default());
+            return Ok(upload);
         }
         let multipart_id = self.multipart.create_multipart(&path).await?;
-        Ok(StoreUpload { multipart_id: Some(multipart_id), part_size: Some(self.part_size_for(max_length)) })
+        Ok(StoreUpload { multipart_id: Some(multipart_id), part_size: Some(self.part_size_for(max_length)), ..upload })
     }
 
     async fn append(&self, context: AppendContext) -> Result<Box<dyn Appender>> {
@@ -155,7 +162,7 @@ impl Store for ObjectBackend {
             store: self.store.clone(),
             multipart: self.multipart.clone(),
             check: context.check,
-            path: self.upload_path(context.id),
+            path: self.upload_path(context.id, &context.upload),
             staging: self.key(&format!("staging/{}", context.id)),
             multipart_id,
             part_size,
@@ -183,7 +190,7 @@ impl Store for ObjectBackend {
         if ordered.iter().enumerate().any(|(i, p)| p.index != i as u64) {
             return Err(StoreError::Other(format!("parts of upload {id} are not contiguous")));
         }
-        let path = self.upload_path(id);
+        let path = self.upload_path(id, upload);
         let ids = ordered.into_iter().map(|p| PartId { content_id: p.content_id }).collect();
         match self.multipart.complete_multipart(&path, multipart_id, ids).await {
             Ok(_) => Ok(()),
@@ -195,8 +202,8 @@ impl Store for ObjectBackend {
         }
     }
 
-    async fn read(&self, id: UploadId, range: Option<Range<u64>>) -> Result<Download> {
-        let path = self.upload_path(id);
+    async fn read(&self, id: UploadId, upload: &StoreUpload, range: Option<Range<u64>>) -> Result<Download> {
+        let path = self.upload_path(id, upload);
         let size = match self.store.head(&path).await {
             Ok(meta) => meta.size,
             Err(object_store::Error::NotFound { .. }) => return Err(StoreError::NotFound),
@@ -211,8 +218,8 @@ impl Store for ObjectBackend {
         Ok(Download { size, stream: result.into_stream().map_err(StoreError::from).boxed() })
     }
 
-    async fn write_stream(&self, id: UploadId, mut stream: ByteStream) -> Result<u64> {
-        let upload = self.store.put_multipart(&self.upload_path(id)).await?;
+    async fn write_stream(&self, id: UploadId, upload: &StoreUpload, mut stream: ByteStream) -> Result<u64> {
+        let upload = self.store.put_multipart(&self.upload_path(id, upload)).await?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size as usize);
         let mut written = 0u64;
         while let Some(chunk) = stream.next().await {
@@ -232,7 +239,7 @@ impl Store for ObjectBackend {
     }
 
     async fn delete(&self, id: UploadId, upload: &StoreUpload, staged: &[Staged]) -> Result<()> {
-        let path = self.upload_path(id);
+        let path = self.upload_path(id, upload);
         if let Some(multipart_id) = &upload.multipart_id
             && let Err(e) = self.multipart.abort_multipart(&path, multipart_id).await
         {
@@ -270,13 +277,13 @@ impl Store for ObjectBackend {
         ignore_not_found(self.store.delete(&Path::from(key)).await)
     }
 
-    async fn presign(&self, id: UploadId, expires_in: Duration) -> Result<Option<String>> {
-        let url = self.signer.signed_url(http::Method::GET, &self.upload_path(id), expires_in).await?;
+    async fn presign(&self, id: UploadId, upload: &StoreUpload, expires_in: Duration) -> Result<Option<String>> {
+        let url = self.signer.signed_url(http::Method::GET, &self.upload_path(id, upload), expires_in).await?;
         Ok(Some(url.to_string()))
     }
 
-    fn location(&self, id: UploadId) -> String {
-        format!("{}/uploads/{id}", self.description)
+    fn location(&self, id: UploadId, upload: &StoreUpload) -> String {
+        format!("{}/{}", self.description, upload.object_path(id))
     }
 
     async fn ping(&self) -> Result<()> {

@@ -138,6 +138,8 @@ pub struct CreateRequest {
     pub owner: Option<String>,
     /// A smaller size limit than `--max-size` for this upload (from a token or the pre-create hook).
     pub max_size: Option<u64>,
+    /// Where in the store the upload's object goes (from the pre-create hook).
+    pub key_prefix: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -172,6 +174,8 @@ pub struct Upload {
     pub created_at: i64,
     pub updated_at: i64,
     pub expires_at: Option<i64>,
+    /// Where its bytes are kept.
+    pub store: StoreUpload,
 }
 
 impl From<&NewUpload> for UploadRow {
@@ -211,6 +215,7 @@ impl From<UploadRow> for Upload {
             created_at: row.created_at,
             updated_at: row.updated_at,
             expires_at: row.expires_at,
+            store: row.store,
         }
     }
 }
@@ -273,7 +278,7 @@ impl Uploads {
     }
 
     fn event(&self, kind: EventKind, upload: &UploadRow) -> NewEvent {
-        events::event(kind, upload, self.store.location(upload.id), self.download_url(upload.id))
+        events::event(kind, upload, self.store.location(upload.id, &upload.store), self.download_url(upload.id))
     }
 
     fn expiry(&self, now: i64) -> i64 {
@@ -358,7 +363,8 @@ impl Uploads {
         let expires_at = (state == UploadState::Receiving).then(|| self.expiry(now));
         // A final upload's bytes are written by the job that assembles it.
         let store = if !matches!(concat, Concat::Final(_)) || length == Some(0) {
-            self.store.create(id, length.unwrap_or(self.limit_of(request.max_size)), length == Some(0)).await?
+            let max_length = length.unwrap_or(self.limit_of(request.max_size));
+            self.store.create(id, request.key_prefix.clone(), max_length, length == Some(0)).await?
         } else {
             StoreUpload::default()
         };
@@ -676,13 +682,13 @@ impl Uploads {
     /// A short-lived URL of the store for downloading a completed upload directly, where the
     /// store supports it.
     pub async fn presign(&self, upload: &Upload) -> Result<Option<String>> {
-        Ok(self.store.presign(upload.id, PRESIGNED_URL_TTL).await?)
+        Ok(self.store.presign(upload.id, &upload.store, PRESIGNED_URL_TTL).await?)
     }
 
     /// Reads a completed upload's bytes, or a range of them.
     pub async fn download(&self, upload: &Upload, range: Option<std::ops::Range<u64>>) -> Result<Download> {
         let id = upload.id;
-        self.store.read(id, range).await.map_err(|e| match e {
+        self.store.read(id, &upload.store, range).await.map_err(|e| match e {
             StoreError::NotFound => {
                 UploadError::Internal(anyhow::anyhow!("bytes of completed upload {id} are missing"))
             }

@@ -76,11 +76,17 @@ impl Uploads {
         // Stream every partial, in order, into the final upload's object, hashing on the way.
         let hasher = Arc::new(Mutex::new(FileHasher::new()));
         let store = self.store.clone();
-        let parts = parts.clone();
+        // Each partial's bytes are where its own key prefix put them.
+        let mut sources = Vec::with_capacity(parts.len());
+        for part in parts {
+            let stored = self.repo.get(*part).await?.map(|r| r.store).unwrap_or_default();
+            sources.push((*part, stored));
+        }
+        let parts = sources;
         let reader: ByteStream = futures_util::stream::iter(parts)
             .then(move |part| {
                 let store = store.clone();
-                async move { store.read(part, None).await.map(|download| download.stream) }
+                async move { store.read(part.0, &part.1, None).await.map(|download| download.stream) }
             })
             .try_flatten()
             .inspect_ok({
@@ -104,7 +110,7 @@ impl Uploads {
                 }
             })
         };
-        let written = self.store.write_stream(row.id, reader).await;
+        let written = self.store.write_stream(row.id, &row.store, reader).await;
         renew.abort();
         let written = match written {
             Ok(written) => written,

@@ -84,7 +84,7 @@ async fn stub_app(status: u16, body: serde_json::Value, delay: Duration) -> Stri
 async fn pre_create_hook_decides(backend: Backend) {
     let allow = stub_app(
         200,
-        serde_json::json!({"owner": "u-7", "metadata": {"uploaded_by": "ann"}, "max_size": 50}),
+        serde_json::json!({"owner": "u-7", "metadata": {"uploaded_by": "ann"}, "max_size": 50, "key_prefix": "ann/2026/"}),
         Duration::ZERO,
     )
     .await;
@@ -102,6 +102,20 @@ async fn pre_create_hook_decides(backend: Backend) {
     assert!(metadata.contains("filename YS50eHQ=") && metadata.contains("uploaded_by YW5u"), "{metadata}");
     let too_big = app.tus(Method::POST, &app.files).header("Upload-Length", "51").send().await.unwrap();
     assert_eq!(too_big.status(), 413, "the hook's smaller limit applies");
+    // The hook's key prefix places the object.
+    let url = header(&created, "location");
+    assert_eq!(app.patch(&url, 0, "0123456789").await.status(), 204);
+    let id = url.rsplit('/').next().unwrap();
+    assert_eq!(std::fs::read(app.store_dir.join("uploads/ann/2026").join(id)).unwrap(), b"0123456789");
+    assert_eq!(app.download(&url).await, b"0123456789");
+    assert_eq!(app.tus(Method::DELETE, &url).send().await.unwrap().status(), 204);
+    assert!(!app.store_dir.join("uploads/ann/2026").join(id).exists());
+
+    let escape = stub_app(200, serde_json::json!({"key_prefix": "../../etc/"}), Duration::ZERO).await;
+    let app = TestApp::spawn_with(backend, move |args| args.pre_create_url = Some(escape)).await;
+    let refused = app.tus(Method::POST, &app.files).header("Upload-Length", "10").send().await.unwrap();
+    assert_eq!(refused.status(), 503, "a key prefix that leaves the store is never used");
+    assert_eq!(app.upload_count().await, 0);
 
     let deny = stub_app(403, serde_json::json!({"message": "uploads are closed for today"}), Duration::ZERO).await;
     let app = TestApp::spawn_with(backend, move |args| args.pre_create_url = Some(deny)).await;

@@ -20,9 +20,7 @@ use std::{
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
-use object_store::{
-    GetOptions, GetRange, ObjectStore, ObjectStoreExt, WriteMultipart, local::LocalFileSystem, path::Path,
-};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, local::LocalFileSystem, path::Path};
 
 use super::{
     AppendContext, AppendOutcome, Appender, ByteStream, Download, Part, Result, Staged, StagedObject, Store,
@@ -146,24 +144,9 @@ impl Store for LocalStore {
         Ok(Download { size, stream: result.into_stream().map_err(StoreError::from).boxed() })
     }
 
-    async fn write_stream(&self, id: UploadId, upload: &StoreUpload, mut stream: ByteStream) -> Result<u64> {
+    async fn write_stream(&self, id: UploadId, upload: &StoreUpload, stream: ByteStream) -> Result<u64> {
         let upload = self.fs.put_multipart(&upload.object_path(id)).await?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, 8 << 20);
-        let mut written = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = match chunk {
-                Ok(chunk) => chunk,
-                Err(e) => {
-                    writer.abort().await?;
-                    return Err(e);
-                }
-            };
-            writer.wait_for_capacity(2).await?;
-            written += chunk.len() as u64;
-            writer.put(chunk);
-        }
-        writer.finish().await?;
-        Ok(written)
+        super::write_multipart(upload, 8 << 20, stream).await
     }
 
     async fn delete(&self, id: UploadId, upload: &StoreUpload, _staged: &[Staged]) -> Result<()> {

@@ -196,6 +196,32 @@ pub trait Appender: Send {
     async fn finish(self: Box<Self>, last: bool) -> Result<AppendOutcome>;
 }
 
+/// Writes a stream into an object through object_store's multipart writer (two parts in
+/// flight at most), aborting it if the stream fails. Returns the bytes written.
+async fn write_multipart(
+    upload: Box<dyn object_store::MultipartUpload>,
+    part_size: usize,
+    mut stream: ByteStream,
+) -> Result<u64> {
+    use futures_util::StreamExt;
+    let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, part_size);
+    let mut written = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                writer.abort().await?;
+                return Err(e);
+            }
+        };
+        writer.wait_for_capacity(2).await?;
+        written += chunk.len() as u64;
+        writer.put(chunk);
+    }
+    writer.finish().await?;
+    Ok(written)
+}
+
 /// Opens the store named by `url`: a local folder (`/path`, `./path` or `file:///path`), or
 /// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix` configured from the
 /// environment as object_store reads it (`AWS_*`, `GOOGLE_*`, `AZURE_*`).

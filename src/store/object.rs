@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::{
-    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart,
+    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload,
     aws::AmazonS3Builder,
     azure::MicrosoftAzureBuilder,
     gcp::GoogleCloudStorageBuilder,
@@ -218,24 +218,9 @@ impl Store for ObjectBackend {
         Ok(Download { size, stream: result.into_stream().map_err(StoreError::from).boxed() })
     }
 
-    async fn write_stream(&self, id: UploadId, upload: &StoreUpload, mut stream: ByteStream) -> Result<u64> {
+    async fn write_stream(&self, id: UploadId, upload: &StoreUpload, stream: ByteStream) -> Result<u64> {
         let upload = self.store.put_multipart(&self.upload_path(id, upload)).await?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size as usize);
-        let mut written = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = match chunk {
-                Ok(chunk) => chunk,
-                Err(e) => {
-                    writer.abort().await?;
-                    return Err(e);
-                }
-            };
-            writer.wait_for_capacity(2).await?;
-            written += chunk.len() as u64;
-            writer.put(chunk);
-        }
-        writer.finish().await?;
-        Ok(written)
+        super::write_multipart(upload, self.part_size as usize, stream).await
     }
 
     async fn delete(&self, id: UploadId, upload: &StoreUpload, staged: &[Staged]) -> Result<()> {

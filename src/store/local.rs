@@ -19,8 +19,7 @@ use std::{
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
-use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, local::LocalFileSystem, path::Path};
+use object_store::{ObjectStoreExt, local::LocalFileSystem, path::Path};
 
 use super::{
     AppendContext, AppendOutcome, Appender, ByteStream, Download, Part, Result, Staged, StagedObject, Store,
@@ -130,18 +129,7 @@ impl Store for LocalStore {
 
     async fn read(&self, id: UploadId, upload: &StoreUpload, range: Option<Range<u64>>) -> Result<Download> {
         let path = upload.object_path(id);
-        let size = match self.fs.head(&path).await {
-            Ok(meta) => meta.size,
-            Err(object_store::Error::NotFound { .. }) => return Err(StoreError::NotFound),
-            Err(e) => return Err(e.into()),
-        };
-        let range = range.unwrap_or(0..size);
-        if range.is_empty() {
-            return Ok(Download { size, stream: futures_util::stream::empty().boxed() });
-        }
-        let options = GetOptions { range: Some(GetRange::Bounded(range)), ..Default::default() };
-        let result = self.fs.get_opts(&path, options).await?;
-        Ok(Download { size, stream: result.into_stream().map_err(StoreError::from).boxed() })
+        super::read_object(self.fs.as_ref(), &path, range).await
     }
 
     async fn write_stream(&self, id: UploadId, upload: &StoreUpload, stream: ByteStream) -> Result<u64> {

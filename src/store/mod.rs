@@ -13,7 +13,7 @@ use std::{ops::Range, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
-use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, path::Path};
 
 use crate::uploads::types::UploadId;
 
@@ -194,6 +194,24 @@ pub trait Appender: Send {
 
     /// Makes everything written so far durable; `last` when these bytes complete the upload.
     async fn finish(self: Box<Self>, last: bool) -> Result<AppendOutcome>;
+}
+
+/// Reads an object, or a range of it, as a stream; its size comes with it.
+async fn read_object(store: &dyn ObjectStore, path: &Path, range: Option<Range<u64>>) -> Result<Download> {
+    use futures_util::{StreamExt, TryStreamExt};
+    let size = match store.head(path).await {
+        Ok(meta) => meta.size,
+        Err(object_store::Error::NotFound { .. }) => return Err(StoreError::NotFound),
+        Err(e) => return Err(e.into()),
+    };
+    let range = range.unwrap_or(0..size);
+    if range.is_empty() {
+        return Ok(Download { size, stream: futures_util::stream::empty().boxed() });
+    }
+    let options =
+        object_store::GetOptions { range: Some(object_store::GetRange::Bounded(range)), ..Default::default() };
+    let result = store.get_opts(path, options).await?;
+    Ok(Download { size, stream: result.into_stream().map_err(StoreError::from).boxed() })
 }
 
 /// Writes a stream into an object through object_store's multipart writer (two parts in

@@ -14,9 +14,9 @@ use std::{collections::VecDeque, ops::Range, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::TryStreamExt;
 use object_store::{
-    GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload,
+    ObjectStore, ObjectStoreExt, PutPayload,
     aws::AmazonS3Builder,
     azure::MicrosoftAzureBuilder,
     gcp::GoogleCloudStorageBuilder,
@@ -204,18 +204,7 @@ impl Store for ObjectBackend {
 
     async fn read(&self, id: UploadId, upload: &StoreUpload, range: Option<Range<u64>>) -> Result<Download> {
         let path = self.upload_path(id, upload);
-        let size = match self.store.head(&path).await {
-            Ok(meta) => meta.size,
-            Err(object_store::Error::NotFound { .. }) => return Err(StoreError::NotFound),
-            Err(e) => return Err(e.into()),
-        };
-        let range = range.unwrap_or(0..size);
-        if range.is_empty() {
-            return Ok(Download { size, stream: futures_util::stream::empty().boxed() });
-        }
-        let options = GetOptions { range: Some(GetRange::Bounded(range)), ..Default::default() };
-        let result = self.store.get_opts(&path, options).await?;
-        Ok(Download { size, stream: result.into_stream().map_err(StoreError::from).boxed() })
+        super::read_object(self.store.as_ref(), &path, range).await
     }
 
     async fn write_stream(&self, id: UploadId, upload: &StoreUpload, stream: ByteStream) -> Result<u64> {

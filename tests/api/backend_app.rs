@@ -26,7 +26,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::helpers::{Backend, fresh_database, header, random_bytes, upload_id};
+use crate::helpers::{Backend, drop_database, fresh_database, header, random_bytes, upload_id};
 
 /// Where ferry keeps its state in a scene (its store is always a local folder).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -811,23 +811,6 @@ impl Drop for Scene {
             drop_database(&self.db_url);
         }
     }
-}
-
-/// Drops a test's PostgreSQL database (from a thread of its own: `Drop` cannot await).
-fn drop_database(url: &str) {
-    let Some((_, name)) = url.rsplit_once('/') else { return };
-    let name = name.to_string();
-    let admin =
-        std::env::var("FERRY_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-    let _ = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-        runtime.block_on(async {
-            use sqlx::{Connection, Executor};
-            let mut conn = sqlx::PgConnection::connect(&admin).await.ok()?;
-            conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await.ok()
-        })
-    })
-    .join();
 }
 
 fn sha256_hex(data: &[u8]) -> String {

@@ -308,7 +308,7 @@ impl Drop for TestApp {
 }
 
 /// Drops a test's PostgreSQL database (from a thread of its own: `Drop` cannot await).
-fn drop_database(url: &str) {
+pub fn drop_database(url: &str) {
     let Some((_, name)) = url.rsplit_once('/') else { return };
     let name = name.to_string();
     let admin =

@@ -128,6 +128,20 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_MAX_SIZE", default_value = "100GiB", value_parser = parse_size)]
     pub max_size: u64,
 
+    /// The largest request body ferry asks clients to send (e.g. `1MiB`): advertised on OPTIONS,
+    /// POST and HEAD as `Upload-Limit: max-append-size=N` and obeyed by ferry's own clients. Set it
+    /// to the smallest body limit of the proxies in front (nginx's default `client_max_body_size`
+    /// is 1 MiB; `ferry doctor` measures it). Larger bodies are still accepted when they arrive.
+    /// Unset: nothing is advertised.
+    #[arg(long, env = "FERRY_MAX_APPEND_SIZE", value_parser = parse_size)]
+    pub max_append_size: Option<u64>,
+
+    /// Trust `Forwarded` and `X-Forwarded-Proto`/`X-Forwarded-Host` from the proxy in front when
+    /// building absolute URLs (the `Location` of a new upload). Only set this when every request
+    /// reaches ferry through a proxy that sets or strips those headers.
+    #[arg(long, env = "FERRY_BEHIND_PROXY")]
+    pub behind_proxy: bool,
+
     /// Incomplete uploads with no activity for this long are expired and their bytes deleted
     /// (e.g. `24h`, `30m`, `90s`).
     #[arg(long, env = "FERRY_EXPIRE_AFTER", default_value = "24h", value_parser = parse_duration)]

@@ -81,6 +81,8 @@ impl App {
             download: args.download,
             tokens,
             precreate,
+            max_append_size: args.max_append_size,
+            behind_proxy: args.behind_proxy,
         };
         let metrics_inline = args.metrics_listen.is_none();
         let router = http::router(state.clone(), &args.cors_origin, metrics_inline);

@@ -133,6 +133,40 @@ fn parse_upload_url(url: &str, base_path: &str) -> Result<UploadId, ApiError> {
         .ok_or_else(|| ApiError::bad_header(format!("'{url}' in Upload-Concat is not an upload URL of this server")))
 }
 
+/// `scheme://host` of the URL the client asked for. Without `behind_proxy` that is plain HTTP to
+/// `Host`. With it, the proxy's `Forwarded` (RFC 7239; the first, client-most element) wins, then
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` (first value of a list), then `Host`.
+/// `None` when no usable host was given.
+pub fn origin(headers: &HeaderMap, behind_proxy: bool) -> Option<String> {
+    let first =
+        |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.split(',').next()).map(str::trim);
+    let (mut proto, mut host) = (None::<String>, None::<String>);
+    if behind_proxy {
+        if let Some(element) = first("forwarded") {
+            for pair in element.split(';') {
+                let Some((key, value)) = pair.split_once('=') else { continue };
+                let value = value.trim().trim_matches('"').to_string();
+                match key.trim().to_ascii_lowercase().as_str() {
+                    "proto" => proto = Some(value),
+                    "host" => host = Some(value),
+                    _ => {}
+                }
+            }
+        }
+        proto = proto.or_else(|| first("x-forwarded-proto").map(str::to_string));
+        host = host.or_else(|| first("x-forwarded-host").map(str::to_string));
+    }
+    let host = host.filter(|h| !h.is_empty()).or_else(|| first(header::HOST.as_str()).map(str::to_string))?;
+    if host.is_empty() || host.contains(['/', ' ', '@', '\\', '?', '#']) || !host.is_ascii() {
+        return None;
+    }
+    let proto = match proto.map(|p| p.to_ascii_lowercase()) {
+        Some(p) if p == "https" => "https",
+        _ => "http",
+    };
+    Some(format!("{proto}://{host}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,5 +207,50 @@ mod tests {
         assert_eq!(checksum(&headers(&[])).unwrap(), ChecksumPlan::None);
         assert_eq!(checksum(&headers(&[("trailer", "Upload-Checksum")])).unwrap(), ChecksumPlan::Trailer);
         assert!(checksum(&headers(&[("upload-checksum", "nope AAAA")])).is_err());
+    }
+}
+
+#[cfg(test)]
+mod origin_tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, value.parse().unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn host_alone_is_plain_http() {
+        let h = headers(&[("host", "ferry:8080"), ("x-forwarded-proto", "https"), ("x-forwarded-host", "up.example")]);
+        assert_eq!(origin(&h, false).as_deref(), Some("http://ferry:8080"));
+    }
+
+    #[test]
+    fn behind_a_proxy_the_forwarded_headers_win() {
+        let h = headers(&[("host", "ferry:8080"), ("x-forwarded-proto", "https"), ("x-forwarded-host", "up.example")]);
+        assert_eq!(origin(&h, true).as_deref(), Some("https://up.example"));
+        // Two proxies: the first value is what the client asked the first one for.
+        let h =
+            headers(&[("host", "ferry"), ("x-forwarded-proto", "https, http"), ("x-forwarded-host", "a.example, b")]);
+        assert_eq!(origin(&h, true).as_deref(), Some("https://a.example"));
+        let h = headers(&[
+            ("host", "ferry"),
+            ("x-forwarded-proto", "http"),
+            ("forwarded", "for=192.0.2.1;proto=https;host=\"up.example:8443\", for=10.0.0.1;proto=http"),
+        ]);
+        assert_eq!(origin(&h, true).as_deref(), Some("https://up.example:8443"));
+        // Only the scheme forwarded: the host is still Host.
+        let h = headers(&[("host", "up.example"), ("x-forwarded-proto", "https")]);
+        assert_eq!(origin(&h, true).as_deref(), Some("https://up.example"));
+    }
+
+    #[test]
+    fn hosts_that_would_bend_the_url_are_refused() {
+        assert_eq!(origin(&headers(&[("host", "evil.example/x")]), false), None);
+        assert_eq!(origin(&headers(&[("host", "a"), ("x-forwarded-host", "u@evil")]), true), None);
+        assert_eq!(origin(&headers(&[("x-forwarded-proto", "https")]), true), None);
     }
 }

@@ -32,6 +32,10 @@ pub struct AppState {
     pub tokens: Option<std::sync::Arc<auth::TokenVerifier>>,
     /// The application's pre-create hook, when configured.
     pub precreate: Option<std::sync::Arc<crate::hooks::precreate::PreCreate>>,
+    /// The largest request body clients are asked to send (`Upload-Limit: max-append-size=N`).
+    pub max_append_size: Option<u64>,
+    /// Whether `Forwarded` / `X-Forwarded-*` from the proxy in front are trusted for URLs.
+    pub behind_proxy: bool,
 }
 
 /// Response headers a browser client must be able to read.
@@ -54,6 +58,7 @@ const EXPOSED_HEADERS: &[&str] = &[
     "content-length",
     "www-authenticate",
     "etag",
+    "upload-limit",
 ];
 
 /// Request headers a browser client may send.

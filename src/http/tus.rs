@@ -56,15 +56,27 @@ pub async fn options(State(state): State<AppState>) -> Response {
     h.insert("tus-extension", HeaderValue::from_static(TUS_EXTENSIONS));
     h.insert("tus-max-size", HeaderValue::from(state.uploads.settings().max_size));
     h.insert("tus-checksum-algorithm", HeaderValue::from_static(ChecksumAlgorithm::ADVERTISED));
+    set_upload_limit(&state, h);
     response
 }
 
-/// The absolute URL of an upload, from the request's `Host`; a path when there is no `Host`.
+/// `Upload-Limit: max-append-size=N` (the IETF resumable-uploads draft's field): the largest
+/// body the proxies in front let through, so clients size their chunks below it.
+fn set_upload_limit(state: &AppState, h: &mut HeaderMap) {
+    if let Some(limit) = state.max_append_size
+        && let Ok(value) = HeaderValue::from_str(&format!("max-append-size={limit}"))
+    {
+        h.insert("upload-limit", value);
+    }
+}
+
+/// The absolute URL of an upload, from the request's `Host` (or, with `--behind-proxy`, the
+/// scheme and host the proxy in front was asked for); a path when there is no host.
 fn upload_url(state: &AppState, request_headers: &HeaderMap, id: UploadId) -> String {
     let path = format!("{}{id}", state.base_path);
-    match request_headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-        Some(host) if !host.is_empty() && !host.contains(['/', ' ', '@']) => format!("http://{host}{path}"),
-        _ => path,
+    match headers::origin(request_headers, state.behind_proxy) {
+        Some(origin) => format!("{origin}{path}"),
+        None => path,
     }
 }
 
@@ -215,6 +227,7 @@ pub async fn create(
     }
     h.insert("upload-offset", HeaderValue::from(offset));
     set_expires(h, expires_at);
+    set_upload_limit(&state, h);
     Ok(response)
 }
 
@@ -266,6 +279,7 @@ pub async fn head(
         h.insert("repr-digest", HeaderValue::from_str(&digest).expect("base64 is a valid header value"));
     }
     set_expires(h, upload.expires_at);
+    set_upload_limit(&state, h);
     Ok(response)
 }
 

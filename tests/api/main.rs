@@ -14,6 +14,7 @@ mod expiration;
 mod limits;
 mod openapi;
 mod patch;
+mod proxies;
 mod service;
 mod termination;
 mod validation;

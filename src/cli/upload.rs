@@ -303,7 +303,8 @@ impl Uploader {
             while let Some((file, result)) = uploads.next().await {
                 match result {
                     Ok(done) => {
-                        println!("{}\t{}\t{}\t{}", done.url, done.size, done.sha256, file.display());
+                        let line = format!("{}\t{}\t{}\t{}", done.url, done.size, done.sha256, file.display());
+                        self.reporter.result(&line);
                     }
                     Err(message) => {
                         failed += 1;
@@ -316,9 +317,10 @@ impl Uploader {
             () = work => None,
             code = interrupted() => Some(code),
         };
-        self.reporter.clear();
         if let Some(code) = code {
-            self.reporter.error(&format!(
+            // Unfinished bars would be left half-drawn: remove them.
+            self.reporter.clear();
+            self.reporter.closing(&format!(
                 "ferry upload: interrupted; the server keeps what it received: run the same command again to \
                  resume (state in {})",
                 self.state.path().display()
@@ -327,7 +329,7 @@ impl Uploader {
         }
         if failed > 0 {
             if total > 1 {
-                self.reporter.error(&format!(
+                self.reporter.closing(&format!(
                     "ferry upload: {} of {total} files uploaded, {failed} failed; run the same command again to \
                      retry them",
                     total - failed
@@ -617,6 +619,16 @@ impl FileUpload<'_> {
             self.policy.cap(uploader.learned_ceiling.load(Ordering::Relaxed));
             let length = self.policy.size().min(size - offset);
             let checksum = self.hasher.chunk(offset, length, uploader.server.sha256).await?;
+            // While this chunk is on the wire, read and hash the next one, for each size it may
+            // have: the same, twice (it may grow) or half (it may shrink).
+            let next = offset + length;
+            if next < size {
+                let guess = self.policy.size();
+                let mut lengths = vec![guess / 2, guess, guess.saturating_mul(2).min(self.policy.ceiling())];
+                lengths.iter_mut().for_each(|l| *l = (*l).min(size - next).max(1));
+                lengths.dedup();
+                self.hasher.prepare(next, lengths, uploader.server.sha256);
+            }
             let started = Instant::now();
             let timeout = uploader.patch_timeout();
             let mut request = uploader
@@ -758,70 +770,132 @@ impl FileUpload<'_> {
 }
 
 /// The SHA-256 of the whole file, computed chunk by chunk as the chunks are prepared (each byte
-/// once, whatever the retries), and the per-chunk checksums.
+/// once, whatever the retries), and the per-chunk checksums. The next chunk is prepared while the
+/// current one is being sent, so reading and hashing cost no time on the wire.
 struct FileHasher {
     path: PathBuf,
     whole: Sha256,
     hashed_to: u64,
+    /// The next chunk, being prepared.
+    ahead: Option<tokio::task::JoinHandle<std::io::Result<Prepared>>>,
+    /// Checksums prepared ahead: offset, and (length, SHA-256) for each length guessed.
+    ready: Option<(u64, Vec<(u64, [u8; 32])>)>,
+}
+
+/// The outcome of one pass over a range of the file.
+struct Prepared {
+    whole: Sha256,
+    hashed_to: u64,
+    offset: u64,
+    sums: Vec<(u64, [u8; 32])>,
 }
 
 impl FileHasher {
     fn new(path: &Path) -> Self {
-        Self { path: path.to_path_buf(), whole: Sha256::new(), hashed_to: 0 }
+        Self { path: path.to_path_buf(), whole: Sha256::new(), hashed_to: 0, ahead: None, ready: None }
     }
 
-    /// Reads `[offset, offset + length)`: feeds the whole-file hash with what it has not seen
+    /// Waits for the chunk being prepared ahead, and keeps what it hashed.
+    async fn settle(&mut self) -> Result<(), Failure> {
+        if let Some(ahead) = self.ahead.take() {
+            let prepared = ahead.await?.map_err(|e| read_failure(&self.path, e))?;
+            self.whole = prepared.whole;
+            self.hashed_to = prepared.hashed_to;
+            self.ready = Some((prepared.offset, prepared.sums));
+        }
+        Ok(())
+    }
+
+    /// The chunk `[offset, offset + length)`: feeds the whole-file hash with what it has not seen
     /// (first the bytes before `offset`, when resuming) and returns the chunk's SHA-256 when
-    /// `checksum` is asked for.
+    /// `checksum` is asked for (prepared ahead when the guess was right).
     async fn chunk(&mut self, offset: u64, length: u64, checksum: bool) -> Result<Option<[u8; 32]>, Failure> {
+        self.settle().await?;
+        if let Some((at, sums)) = self.ready.take()
+            && at == offset
+            && let Some((_, sum)) = sums.iter().find(|(l, _)| *l == length)
+            && self.hashed_to >= offset + length
+        {
+            return Ok(checksum.then_some(*sum));
+        }
         if !checksum && self.hashed_to >= offset + length {
             return Ok(None);
         }
+        let task = self.pass(offset, vec![length], checksum);
+        let prepared = task.await?.map_err(|e| read_failure(&self.path, e))?;
+        self.whole = prepared.whole;
+        self.hashed_to = prepared.hashed_to;
+        Ok(prepared.sums.first().filter(|_| checksum).map(|(_, sum)| *sum))
+    }
+
+    /// Starts preparing the chunk at `offset`, for each of the `lengths` it may have.
+    fn prepare(&mut self, offset: u64, lengths: Vec<u64>, checksum: bool) {
+        if self.ahead.is_none() && !lengths.is_empty() {
+            self.ahead = Some(self.pass(offset, lengths, checksum));
+        }
+    }
+
+    /// One read of `[hashed_to, offset + max(lengths))` in a blocking thread.
+    fn pass(
+        &self,
+        offset: u64,
+        mut lengths: Vec<u64>,
+        checksum: bool,
+    ) -> tokio::task::JoinHandle<std::io::Result<Prepared>> {
         let path = self.path.clone();
         let mut whole = self.whole.clone();
-        let hashed_to = self.hashed_to;
-        let (whole, hashed_to, sum) = tokio::task::spawn_blocking(move || {
+        let mut hashed = self.hashed_to;
+        lengths.sort_unstable();
+        tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::FileExt;
+            let longest = lengths.last().copied().unwrap_or(0);
             let file = std::fs::File::open(&path)?;
-            let mut buffer = vec![0u8; (1 << 20).min(length.max(offset.saturating_sub(hashed_to)).max(1) as usize)];
-            let mut read = |from: u64, to: u64, f: &mut dyn FnMut(u64, &[u8])| -> std::io::Result<()> {
-                let mut at = from;
-                while at < to {
-                    let want = ((to - at) as usize).min(buffer.len());
-                    file.read_exact_at(&mut buffer[..want], at)?;
-                    f(at, &buffer[..want]);
-                    at += want as u64;
-                }
-                Ok(())
-            };
-            let mut hashed = hashed_to;
-            if hashed < offset {
-                read(hashed, offset, &mut |_, data| whole.update(data))?;
-                hashed = offset;
+            let mut buffer = vec![0u8; 1 << 20];
+            // The bytes before the chunk that the whole-file hash has not seen (after a resume).
+            while hashed < offset {
+                let want = ((offset - hashed) as usize).min(buffer.len());
+                file.read_exact_at(&mut buffer[..want], hashed)?;
+                whole.update(&buffer[..want]);
+                hashed += want as u64;
             }
-            let mut chunk = checksum.then(Sha256::new);
-            read(offset, offset + length, &mut |at, data| {
-                if let Some(chunk) = &mut chunk {
-                    chunk.update(data);
+            let mut chunk = Sha256::new();
+            let mut sums = Vec::new();
+            let mut at = offset;
+            let mut next = lengths.iter().copied().peekable();
+            while at < offset + longest {
+                // Stop each read at the next guessed length, to take the chunk's hash there.
+                let boundary = offset + next.peek().copied().unwrap_or(longest);
+                let want = ((boundary - at) as usize).min(buffer.len());
+                let data = &mut buffer[..want];
+                file.read_exact_at(data, at)?;
+                if checksum {
+                    chunk.update(&*data);
                 }
-                let end = at + data.len() as u64;
+                let end = at + want as u64;
                 if end > hashed {
-                    let skip = hashed.saturating_sub(at) as usize;
-                    whole.update(&data[skip..]);
+                    whole.update(&data[(hashed.saturating_sub(at)) as usize..]);
                     hashed = end;
                 }
-            })?;
-            Ok::<_, std::io::Error>((whole, hashed, chunk.map(|c| c.finalize().into())))
+                at = end;
+                while next.peek().is_some_and(|l| offset + l == at) {
+                    let length = next.next().expect("peeked");
+                    if checksum {
+                        sums.push((length, chunk.clone().finalize().into()));
+                    } else {
+                        sums.push((length, [0; 32]));
+                    }
+                }
+            }
+            if checksum && longest == 0 && lengths.contains(&0) {
+                sums.push((0, Sha256::digest([]).into()));
+            }
+            Ok(Prepared { whole, hashed_to: hashed, offset, sums })
         })
-        .await?
-        .map_err(|e| read_failure(&self.path, e))?;
-        self.whole = whole;
-        self.hashed_to = hashed_to;
-        Ok(sum)
     }
 
     /// The whole file's SHA-256 (reading what was not hashed yet).
     async fn finish(&mut self, size: u64) -> Result<[u8; 32], Failure> {
+        self.settle().await?;
         if self.hashed_to < size {
             self.chunk(size, 0, false).await?;
         }
@@ -1205,6 +1279,31 @@ fn guess_type(name: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn chunks_prepared_ahead_or_not_have_the_right_checksums() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file");
+        let data: Vec<u8> = (0..5_000_000u32).map(|i| (i.wrapping_mul(7919) % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let sha = |range: std::ops::Range<usize>| -> [u8; 32] { Sha256::digest(&data[range]).into() };
+        let mut hasher = FileHasher::new(&path);
+
+        assert_eq!(hasher.chunk(0, 1000, true).await.ok(), Some(Some(sha(0..1000))));
+        // Prepared ahead, and the guess was right (the chunk grew).
+        hasher.prepare(1000, vec![500, 1000, 2000], true);
+        assert_eq!(hasher.chunk(1000, 2000, true).await.ok(), Some(Some(sha(1000..3000))));
+        // Prepared ahead, and the guess was wrong.
+        hasher.prepare(3000, vec![100_000, 200_000], true);
+        assert_eq!(hasher.chunk(3000, 150_000, true).await.ok(), Some(Some(sha(3000..153_000))));
+        // Again from an earlier offset (the server kept less than was sent).
+        assert_eq!(hasher.chunk(2000, 1000, true).await.ok(), Some(Some(sha(2000..3000))));
+        // Further on (a resume): the bytes in between still go into the whole file's hash.
+        hasher.prepare(153_000, vec![10], false);
+        assert_eq!(hasher.chunk(4_000_000, 10, true).await.ok(), Some(Some(sha(4_000_000..4_000_010))));
+        assert_eq!(hasher.chunk(4_000_010, 10, false).await.ok(), Some(None));
+        assert_eq!(hasher.finish(5_000_000).await.ok(), Some(sha(0..5_000_000)));
+    }
 
     #[test]
     fn file_types_from_extensions() {

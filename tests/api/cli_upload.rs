@@ -230,6 +230,20 @@ async fn several_files_at_once_arrive_byte_exact(backend: Backend) {
     }
     let total: usize = files.iter().map(|(_, d)| d.len()).sum();
     assert_eq!(received_bytes(&app.base).await, total as u64, "every byte sent once");
+    assert_eq!(patch_statuses(&app.base).await, vec!["204".to_string()], "every chunk landed the first time");
+}
+
+/// The statuses ferry answered PATCH requests with (from its request-duration metric).
+async fn patch_statuses(base: &str) -> Vec<String> {
+    let text = reqwest::get(format!("{base}/metrics")).await.expect("GET /metrics").text().await.unwrap();
+    let mut statuses: Vec<String> = text
+        .lines()
+        .filter(|line| line.starts_with("ferry_http_request_duration_seconds_count") && line.contains("method=\"PATCH\""))
+        .filter_map(|line| line.split("status=\"").nth(1)?.split('"').next().map(str::to_string))
+        .collect();
+    statuses.sort();
+    statuses.dedup();
+    statuses
 }
 
 async fn a_killed_upload_resumes_without_resending_what_arrived(backend: Backend) {

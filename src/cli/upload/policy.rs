@@ -44,7 +44,6 @@ impl ChunkPolicy {
         self.size
     }
 
-    #[cfg(test)]
     pub fn ceiling(&self) -> u64 {
         self.ceiling
     }

@@ -113,6 +113,14 @@ impl Reporter {
         }
     }
 
+    /// A result line on stdout (drawn around the bars, which live on stderr).
+    pub fn result(&self, line: &str) {
+        match &self.inner.mode {
+            Mode::Bars(multi) => multi.suspend(|| println!("{line}")),
+            _ => println!("{line}"),
+        }
+    }
+
     /// An error: always shown.
     pub fn error(&self, line: &str) {
         match &self.inner.mode {
@@ -121,12 +129,24 @@ impl Reporter {
         }
     }
 
+    /// The last message, under the bars (every bar is finished or cleared by then).
+    pub fn closing(&self, line: &str) {
+        eprintln!("{line}");
+    }
+
     /// Removes every bar from the screen (before the closing messages).
     pub fn clear(&self) {
         if let Mode::Bars(multi) = &self.inner.mode {
             let _ = multi.clear();
         }
     }
+}
+
+/// A finished bar: no rate or time left, the outcome instead.
+fn ended_style() -> ProgressStyle {
+    ProgressStyle::with_template("{prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} {percent:>3}% {msg} in {elapsed}")
+        .expect("a valid progress template")
+        .progress_chars("=> ")
 }
 
 impl FileProgress {
@@ -160,6 +180,7 @@ impl FileProgress {
     pub fn finish(&self, message: &str) {
         self.done.store(true, Ordering::Relaxed);
         if let Some(bar) = &self.bar {
+            bar.set_style(ended_style());
             bar.finish_with_message(message.to_string());
         }
     }
@@ -167,6 +188,7 @@ impl FileProgress {
     pub fn abandon(&self, message: &str) {
         self.done.store(true, Ordering::Relaxed);
         if let Some(bar) = &self.bar {
+            bar.set_style(ended_style());
             bar.abandon_with_message(message.to_string());
         }
     }

@@ -12,6 +12,7 @@ mod creation;
 mod download;
 mod expiration;
 mod limits;
+mod nginx;
 mod openapi;
 mod patch;
 mod proxies;

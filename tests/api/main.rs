@@ -16,6 +16,7 @@ mod nginx;
 mod openapi;
 mod patch;
 mod proxies;
+mod proxy_chain;
 mod service;
 mod termination;
 mod validation;

@@ -71,6 +71,29 @@ impl Nginx {
         Self::server(&format!("server {{\n    listen {{listen}};\n    {location}\n}}"))
     }
 
+    /// nginx spreading requests round robin over several `upstreams` (`host:port` each), as a
+    /// Kubernetes Service spreads them over pods, with `directives` inside `location /`. Unlike
+    /// [`proxy_location`] it leaves `Host` at nginx's default, the upstream's name (`ferry_pods`):
+    /// past this proxy, only forwarded headers tell which host the client asked for (add
+    /// `proxy_set_header Host $http_host;` to keep it). Like ingress-nginx, it leaves `Location`
+    /// headers alone (`proxy_redirect off`): absolute URLs are the upstream's to get right.
+    pub fn balance_with(upstreams: &[String], directives: &str) -> Self {
+        let servers: String = upstreams.iter().map(|u| format!("    server {u};\n")).collect();
+        Self::server(&format!(
+            "upstream ferry_pods {{
+{servers}}}
+server {{
+    listen {{listen}};
+    location / {{
+        proxy_pass http://ferry_pods;
+        proxy_redirect off;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        {directives}
+    }}
+}}"
+        ))
+    }
+
     /// nginx serving one `server` block, in which `{listen}` is replaced by this nginx's
     /// `127.0.0.1:<port>` (so a site file from `deploy/` can be run as it is).
     pub fn server(server: &str) -> Self {
@@ -232,6 +255,12 @@ impl ProxyChain {
     /// Like [`ProxyChain::start`], with extra directives inside each proxy's `location /`.
     pub fn start_with(upstream: &str, host_directives: &str, ingress_directives: &str) -> Self {
         let ingress = Nginx::proxy_with(upstream, ingress_directives);
+        let host = Nginx::proxy_with(&ingress.authority(), &Self::host_directives(host_directives));
+        ProxyChain { host, ingress }
+    }
+
+    /// A host nginx at its defaults in front of `ingress`, with extra `host_directives`.
+    pub fn around(ingress: Nginx, host_directives: &str) -> Self {
         let host = Nginx::proxy_with(&ingress.authority(), &Self::host_directives(host_directives));
         ProxyChain { host, ingress }
     }

@@ -5,6 +5,7 @@ mod helpers;
 
 mod access;
 mod backend_app;
+mod cli_upload;
 mod clients;
 mod cluster;
 mod concurrency;

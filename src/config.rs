@@ -28,6 +28,9 @@ pub enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Check the way from a client to ferry: the proxies' body limit and buffering, latency,
+    /// throughput; recommends a chunk size and proxy settings.
+    Doctor(crate::cli::doctor::DoctorArgs),
 }
 
 #[derive(Debug, Subcommand)]

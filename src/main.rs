@@ -18,6 +18,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Some(Command::Serve(args)) => serve(*args).await,
         Some(Command::Events { command }) => events(command).await,
+        Some(Command::Doctor(args)) => ferry::cli::doctor::run(args).await,
         None => serve(cli.serve).await,
     }
 }

@@ -1,0 +1,3 @@
+//! Client-side commands.
+
+pub mod doctor;

@@ -796,9 +796,15 @@ impl Doctor {
 
     /// A probe of `size` bytes sent as fast as possible, waiting out ferry's rate limits.
     async fn probe(&self, size: u64) -> Outcome {
+        self.probe_with(size, || filler_body(size)).await
+    }
+
+    /// A probe with a body from `body` (made again for each attempt), waiting out ferry's rate
+    /// limits for up to [`MAX_RETRY_WAIT`] in all; never answers [`Outcome::Wait`].
+    async fn probe_with(&self, size: u64, mut body: impl FnMut() -> reqwest::Body) -> Outcome {
         let mut waited = Duration::ZERO;
         loop {
-            match self.send_probe(size, filler_body(size)).await {
+            match self.send_probe(size, body()).await {
                 Outcome::Wait(wait) if waited + wait <= MAX_RETRY_WAIT => {
                     tokio::time::sleep(wait).await;
                     waited += wait;
@@ -829,7 +835,7 @@ impl Doctor {
                 status.problem = Some(problem);
                 return (status, None);
             }
-            Outcome::Wait(_) => unreachable!("probe() waits"),
+            Outcome::Wait(_) => unreachable!("probe() waits out 429s"),
         };
         status.available = true;
         status.max_size = Some(max_size);
@@ -860,7 +866,7 @@ impl Doctor {
                     status.problem = Some(problem);
                     break;
                 }
-                Outcome::Wait(_) => unreachable!("probe() waits"),
+                Outcome::Wait(_) => unreachable!("probe() waits out 429s"),
             }
             next = search.next_size();
         }
@@ -879,36 +885,34 @@ impl Doctor {
     /// took to read it.
     async fn buffering(&self, largest_passing: u64) -> anyhow::Result<Option<BufferingFinding>> {
         let size = PACED_SIZE.min(largest_passing * 9 / 10).max(u64::from(PACED_PIECES));
-        let mut waited = Duration::ZERO;
-        loop {
-            let times = Arc::new(Mutex::new((None, None)));
-            let outcome = self.send_probe(size, paced_body(size, times.clone())).await;
-            let (first, last) = *times.lock().unwrap_or_else(|e| e.into_inner());
-            match outcome {
-                Outcome::Passed(answer) => {
-                    let (Some(first), Some(last)) = (first, last) else {
-                        anyhow::bail!("the body was not sent");
-                    };
-                    let client_send: Duration = last - first;
-                    let span_ms = (answer.read_ms - answer.first_byte_ms.unwrap_or(answer.read_ms)).max(0.0);
-                    let verdict = buffering_verdict(client_send, Duration::from_secs_f64(span_ms / 1e3));
-                    return Ok(Some(BufferingFinding {
-                        verdict,
-                        bytes: answer.received,
-                        client_send_ms: client_send.as_secs_f64() * 1e3,
-                        server_read_span_ms: span_ms,
-                        server_first_byte_ms: answer.first_byte_ms,
-                        server_read_ms: answer.read_ms,
-                    }));
-                }
-                Outcome::Wait(wait) if waited + wait <= MAX_RETRY_WAIT => {
-                    tokio::time::sleep(wait).await;
-                    waited += wait;
-                }
-                Outcome::Refused { by, .. } => anyhow::bail!("a paced body of {size} bytes was refused: {by}"),
-                Outcome::Unusable(problem) => anyhow::bail!(problem),
-                Outcome::Wait(_) => anyhow::bail!("ferry's probe stayed busy"),
+        let times = Arc::new(Mutex::new((None, None)));
+        let outcome = self
+            .probe_with(size, || {
+                *times.lock().unwrap_or_else(|e| e.into_inner()) = (None, None);
+                paced_body(size, times.clone())
+            })
+            .await;
+        let (first, last) = *times.lock().unwrap_or_else(|e| e.into_inner());
+        match outcome {
+            Outcome::Passed(answer) => {
+                let (Some(first), Some(last)) = (first, last) else {
+                    anyhow::bail!("the body was not sent");
+                };
+                let client_send: Duration = last - first;
+                let span_ms = (answer.read_ms - answer.first_byte_ms.unwrap_or(answer.read_ms)).max(0.0);
+                let verdict = buffering_verdict(client_send, Duration::from_secs_f64(span_ms / 1e3));
+                Ok(Some(BufferingFinding {
+                    verdict,
+                    bytes: answer.received,
+                    client_send_ms: client_send.as_secs_f64() * 1e3,
+                    server_read_span_ms: span_ms,
+                    server_first_byte_ms: answer.first_byte_ms,
+                    server_read_ms: answer.read_ms,
+                }))
             }
+            Outcome::Refused { by, .. } => anyhow::bail!("a paced body of {size} bytes was refused: {by}"),
+            Outcome::Unusable(problem) => anyhow::bail!(problem),
+            Outcome::Wait(_) => unreachable!("probe_with() waits"),
         }
     }
 
@@ -921,7 +925,7 @@ impl Doctor {
                 Outcome::Passed(_) => elapsed += started.elapsed(),
                 Outcome::Refused { by, .. } => anyhow::bail!("{size} bytes were refused: {by}"),
                 Outcome::Unusable(problem) => anyhow::bail!(problem),
-                Outcome::Wait(_) => unreachable!("probe() waits"),
+                Outcome::Wait(_) => unreachable!("probe() waits out 429s"),
             }
         }
         let bytes = (size * u64::from(THROUGHPUT_SAMPLES)) as f64;

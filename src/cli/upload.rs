@@ -779,15 +779,18 @@ struct FileHasher {
     /// The next chunk, being prepared.
     ahead: Option<tokio::task::JoinHandle<std::io::Result<Prepared>>>,
     /// Checksums prepared ahead: offset, and (length, SHA-256) for each length guessed.
-    ready: Option<(u64, Vec<(u64, [u8; 32])>)>,
+    ready: Option<(u64, Sums)>,
 }
+
+/// A chunk's SHA-256 for each length it was prepared for.
+type Sums = Vec<(u64, [u8; 32])>;
 
 /// The outcome of one pass over a range of the file.
 struct Prepared {
     whole: Sha256,
     hashed_to: u64,
     offset: u64,
-    sums: Vec<(u64, [u8; 32])>,
+    sums: Sums,
 }
 
 impl FileHasher {

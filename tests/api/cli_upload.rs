@@ -17,6 +17,7 @@ use tokio::process::{Child, Command};
 use crate::{
     db_backend_tests,
     helpers::{Backend, Cluster, Storage, TestApp, assert_same_bytes, header, random_bytes, sha256_b64, wait_for},
+    nginx::Nginx,
 };
 
 db_backend_tests!(
@@ -238,7 +239,9 @@ async fn patch_statuses(base: &str) -> Vec<String> {
     let text = reqwest::get(format!("{base}/metrics")).await.expect("GET /metrics").text().await.unwrap();
     let mut statuses: Vec<String> = text
         .lines()
-        .filter(|line| line.starts_with("ferry_http_request_duration_seconds_count") && line.contains("method=\"PATCH\""))
+        .filter(|line| {
+            line.starts_with("ferry_http_request_duration_seconds_count") && line.contains("method=\"PATCH\"")
+        })
         .filter_map(|line| line.split("status=\"").nth(1)?.split('"').next().map(str::to_string))
         .collect();
     statuses.sort();
@@ -546,4 +549,51 @@ async fn survives_a_killed_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_a_server_stopped_for_an_update() {
     survives_a_server_restart("TERM").await;
+}
+
+/// nginx at its defaults (`client_max_body_size 1m`) in front of a ferry that advertises no
+/// limit: the client starts with 8 MiB chunks, gets nginx's 413, halves until chunks get through
+/// (8, 4, 2, then 1 MiB), never tries a refused size again, and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_shrink_to_fit_a_proxy_body_limit() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let nginx = Nginx::proxy(&app.addr.to_string());
+    let files = format!("{}/files/", nginx.url);
+    let work = Workspace::new();
+    let (path, data) = work.file("through-nginx.bin", 12 * MIB + 17, 14);
+    let run = work.upload(&files, &[&path], &["--chunk-size", "8MiB"]).await;
+    run.assert_success();
+    for (from, to) in [("8 MiB", "4 MiB"), ("4 MiB", "2 MiB"), ("2 MiB", "1 MiB")] {
+        let note = format!("nginx refused a {from} chunk (413); continuing with {to} chunks");
+        assert!(run.stderr.contains(&note), "the client says it adapts ({note}):\n{}", run.stderr);
+    }
+    let url = run.url_of(&path);
+    assert!(url.starts_with(&files), "the upload went through nginx: {url}");
+    assert_uploaded(&app, &url, &data).await;
+
+    let log = nginx.access_log();
+    let patches: Vec<&str> = log.lines().filter(|l| l.contains("\"PATCH ")).collect();
+    let refused = patches.iter().filter(|l| l.contains("\" 413 ")).count();
+    let landed = patches.iter().filter(|l| l.contains("\" 204 ")).count();
+    assert_eq!(refused, 3, "one 413 per size that was too large:\n{log}");
+    assert_eq!(landed, data.len().div_ceil(MIB), "then 1 MiB chunks, never larger again:\n{log}");
+    assert_eq!(received_bytes(&app.base).await, data.len() as u64);
+}
+
+/// A proxy whose body limit is below the smallest chunk: the client gives up and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_limit_below_the_smallest_chunk_is_explained() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let nginx = Nginx::proxy_with(&app.addr.to_string(), "client_max_body_size 32k;");
+    let work = Workspace::new();
+    let (path, _) = work.file("too-big-for-the-proxy.bin", MIB, 15);
+    let run = work.upload(&format!("{}/files/", nginx.url), &[&path], &["--chunk-size", "256KiB"]).await;
+    assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("nginx answered 413 at 64 KiB chunks")
+            && run.stderr.contains("client_max_body_size) is smaller than that"),
+        "the message names the proxy's limit:\n{}",
+        run.stderr
+    );
+    assert_eq!(received_bytes(&app.base).await, 0);
 }

@@ -44,6 +44,9 @@ pub struct FileProgress {
     started: Mutex<(Instant, u64)>,
     done: AtomicBool,
     bar: Option<ProgressBar>,
+    /// Without bars, the outcome is a line of its own.
+    plain: bool,
+    began: Instant,
 }
 
 impl Reporter {
@@ -96,6 +99,8 @@ impl Reporter {
             started: Mutex::new((Instant::now(), 0)),
             done: AtomicBool::new(false),
             bar,
+            plain: matches!(self.inner.mode, Mode::Plain),
+            began: Instant::now(),
         });
         self.inner.files.lock().expect("progress lock").push(file.clone());
         file
@@ -144,9 +149,11 @@ impl Reporter {
 
 /// A finished bar: no rate or time left, the outcome instead.
 fn ended_style() -> ProgressStyle {
-    ProgressStyle::with_template("{prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} {percent:>3}% {msg} in {elapsed}")
-        .expect("a valid progress template")
-        .progress_chars("=> ")
+    ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {binary_bytes}/{binary_total_bytes} {percent:>3}% {msg} in {elapsed}",
+    )
+    .expect("a valid progress template")
+    .progress_chars("=> ")
 }
 
 impl FileProgress {
@@ -182,6 +189,10 @@ impl FileProgress {
         if let Some(bar) = &self.bar {
             bar.set_style(ended_style());
             bar.finish_with_message(message.to_string());
+        }
+        if self.plain {
+            let took = self.began.elapsed();
+            eprintln!("{}: {message}, {} in {}", self.name, human_bytes(self.total), human_duration(took));
         }
     }
 

@@ -258,6 +258,9 @@ impl Uploader {
             }
         };
         let headers = response.headers().clone();
+        if matches!(response.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            return Err(refused("asking for the server's limits (OPTIONS)", response).await);
+        }
         if !headers.contains_key("tus-version") {
             let status = response.status();
             let cause = Cause::of_response(response).await;
@@ -1221,7 +1224,11 @@ async fn refused(doing: &str, response: Response) -> String {
         text.push_str(&message);
     }
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        text.push_str(" (check the token: --token or FERRY_TOKEN)");
+        text.push_str(if who == "the server" {
+            " (check the token: --token or FERRY_TOKEN)"
+        } else {
+            " (check what the proxy wants: --header, or --token / FERRY_TOKEN)"
+        });
     }
     text
 }

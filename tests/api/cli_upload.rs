@@ -28,6 +28,7 @@ db_backend_tests!(
     tokens_are_sent_and_a_bad_one_is_a_clear_failure,
     chunks_never_exceed_the_advertised_limit,
     an_upload_the_server_lost_starts_over,
+    lost_answers_and_busy_proxies_are_retried_without_resending,
     the_exit_status_is_zero_only_when_every_file_made_it,
 );
 
@@ -367,17 +368,32 @@ async fn tokens_are_sent_and_a_bad_one_is_a_clear_failure(backend: Backend) {
     assert_eq!(head.status(), 404, "the upload belongs to the token's subject");
 }
 
-/// A reverse proxy in front of a server that records each request's method and
-/// `Content-Length`, and passes everything through unchanged (including `Host`, so that
-/// `Location`s point at the proxy).
+/// A reverse proxy in front of a server that records each request's method, `Content-Length`
+/// and arrival, and passes everything through unchanged (including `Host`, so that `Location`s
+/// point at the proxy), except for the PATCH requests it was told to disturb.
 struct Recorder {
     files: String,
     requests: Recorded,
     _server: tokio::task::JoinHandle<()>,
 }
 
-/// Method and `Content-Length` of each request, in order.
-type Recorded = Arc<Mutex<Vec<(String, Option<u64>)>>>;
+struct Seen {
+    method: String,
+    length: Option<u64>,
+    at: std::time::Instant,
+}
+
+type Recorded = Arc<Mutex<Vec<Seen>>>;
+
+/// What the recorder does to one PATCH.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Passes it on, then answers 502 instead of the server's answer (a proxy that timed out
+    /// while the server stored the chunk).
+    LoseAnswer,
+    /// Answers 503 with `Retry-After: <seconds>` without passing it on (an overloaded proxy).
+    Busy(u64),
+}
 
 impl Drop for Recorder {
     fn drop(&mut self) {
@@ -387,27 +403,51 @@ impl Drop for Recorder {
 
 impl Recorder {
     async fn start(upstream: &str) -> Self {
+        Self::disturbing(upstream, &[]).await
+    }
+
+    /// `faults`: (index among PATCH requests, from 0, and what happens to it).
+    async fn disturbing(upstream: &str, faults: &[(usize, Fault)]) -> Self {
         use axum::{body::Body, extract::Request, response::Response};
+        use http_body_util::BodyExt;
         let requests: Recorded = Arc::default();
         let (log, upstream, client) = (requests.clone(), upstream.to_string(), reqwest::Client::new());
+        let faults = Arc::new(faults.to_vec());
         let app = axum::Router::new().fallback(move |request: Request| {
-            let (log, upstream, client) = (log.clone(), upstream.clone(), client.clone());
+            let (log, upstream, client, faults) = (log.clone(), upstream.clone(), client.clone(), faults.clone());
             async move {
+                let method = request.method().to_string();
                 let length = request
                     .headers()
                     .get("content-length")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<u64>().ok());
-                log.lock().unwrap().push((request.method().to_string(), length));
-                let url = format!("{upstream}{}", request.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+                let fault = {
+                    let mut log = log.lock().unwrap();
+                    let patch = log.iter().filter(|seen| seen.method == "PATCH").count();
+                    log.push(Seen { method: method.clone(), length, at: std::time::Instant::now() });
+                    faults.iter().find(|(i, _)| method == "PATCH" && *i == patch).map(|(_, f)| *f)
+                };
                 let (parts, body) = request.into_parts();
+                if let Some(Fault::Busy(seconds)) = fault {
+                    let _ = body.collect().await;
+                    return Response::builder()
+                        .status(503)
+                        .header("retry-after", seconds.to_string())
+                        .body(Body::from("busy, come back later"))
+                        .unwrap();
+                }
+                let url = format!("{upstream}{}", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
                 let has_body = length.is_some_and(|l| l > 0) || parts.headers.contains_key("transfer-encoding");
                 let mut forwarded = client.request(parts.method, url).headers(parts.headers);
                 if has_body {
                     forwarded = forwarded.body(reqwest::Body::wrap_stream(body.into_data_stream()));
                 }
-                let forwarded = forwarded.send().await;
-                match forwarded {
+                match forwarded.send().await {
+                    Ok(answer) if matches!(fault, Some(Fault::LoseAnswer)) => {
+                        let _ = answer.bytes().await;
+                        Response::builder().status(502).body(Body::from("the upstream's answer was lost")).unwrap()
+                    }
                     Ok(answer) => {
                         let mut response = Response::builder().status(answer.status());
                         for (name, value) in answer.headers() {
@@ -428,7 +468,12 @@ impl Recorder {
     }
 
     fn patches(&self) -> Vec<Option<u64>> {
-        self.requests.lock().unwrap().iter().filter(|(m, _)| m == "PATCH").map(|(_, l)| *l).collect()
+        self.requests.lock().unwrap().iter().filter(|seen| seen.method == "PATCH").map(|seen| seen.length).collect()
+    }
+
+    /// When each PATCH arrived.
+    fn patch_times(&self) -> Vec<std::time::Instant> {
+        self.requests.lock().unwrap().iter().filter(|seen| seen.method == "PATCH").map(|seen| seen.at).collect()
     }
 }
 
@@ -450,7 +495,7 @@ async fn chunks_never_exceed_the_advertised_limit(backend: Backend) {
     assert!(sizes.iter().all(|s| *s <= LIMIT), "a chunk exceeded {LIMIT} bytes: {sizes:?}");
     assert_eq!(sizes.iter().sum::<u64>(), data.len() as u64, "each byte sent once: {sizes:?}");
     assert_eq!(sizes.len() as u64, (data.len() as u64).div_ceil(LIMIT), "chunks as large as allowed: {sizes:?}");
-    let methods: Vec<String> = recorder.requests.lock().unwrap().iter().map(|(m, _)| m.clone()).collect();
+    let methods: Vec<String> = recorder.requests.lock().unwrap().iter().map(|seen| seen.method.clone()).collect();
     assert_eq!(methods.first().map(String::as_str), Some("OPTIONS"), "limits are asked for first: {methods:?}");
 }
 
@@ -596,4 +641,68 @@ async fn a_proxy_limit_below_the_smallest_chunk_is_explained() {
         run.stderr
     );
     assert_eq!(received_bytes(&app.base).await, 0);
+}
+
+/// A chunk stored by the server whose answer never reached the client (a 502 from the proxy),
+/// and a proxy that says 503 with `Retry-After: 2`: the client asks for the offset and goes on
+/// without sending the stored chunk again, and waits as long as it was asked to.
+async fn lost_answers_and_busy_proxies_are_retried_without_resending(backend: Backend) {
+    const LIMIT: u64 = 256 * 1024;
+    let app = TestApp::spawn_with(backend, |args| args.max_append_size = Some(LIMIT)).await;
+    let recorder = Recorder::disturbing(&app.base, &[(1, Fault::LoseAnswer), (3, Fault::Busy(2))]).await;
+    let work = Workspace::new();
+    let (path, data) = work.file("disturbed.bin", 2 * MIB + 5, 16);
+    let run = work.upload(&recorder.files, &[&path], &["--retry-delay", "10ms"]).await;
+    run.assert_success();
+    assert_uploaded(&app, &run.url_of(&path), &data).await;
+    assert!(run.stderr.contains("answered 502 Bad Gateway: the upstream's answer was lost"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("answered 503 Service Unavailable: busy, come back later; retrying in 2.0s"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        received_bytes(&app.base).await,
+        data.len() as u64,
+        "the chunk whose answer was lost was not sent again"
+    );
+    let sizes = recorder.patches();
+    let sent: u64 = sizes.iter().map(|s| s.unwrap()).sum();
+    assert_eq!(sent, data.len() as u64 + LIMIT, "only the refused chunk was sent twice: {sizes:?}");
+    let times = recorder.patch_times();
+    let waited = times[4].duration_since(times[3]);
+    assert!(waited >= Duration::from_millis(1950), "Retry-After: 2 was honoured (waited {waited:?})");
+}
+
+/// An authenticating proxy (nginx wanting an API key) in front of ferry: without the header the
+/// client fails and says who refused; with `--header` every request gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extra_headers_get_through_an_authenticating_proxy() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let nginx = Nginx::proxy_with(
+        &app.addr.to_string(),
+        "if ($http_x_api_key != \"open-sesame\") { return 401 \"an API key is needed\\n\"; }",
+    );
+    let files = format!("{}/files/", nginx.url);
+    let work = Workspace::new();
+    let (path, data) = work.file("guarded.bin", 700_000, 17);
+
+    let run = work.upload(&files, &[&path], &[]).await;
+    assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("nginx refused asking for the server's limits (OPTIONS): 401 Unauthorized: an API key is needed")
+            && run.stderr.contains("--header"),
+        "{}",
+        run.stderr
+    );
+
+    let run = work.upload(&files, &[&path], &["--header", "X-Api-Key: open-sesame", "-H", "X-Trace: cli-test"]).await;
+    run.assert_success();
+    let url = run.url_of(&path);
+    assert!(url.starts_with(&files), "{url}");
+    assert_uploaded(&app, &url.replace(&nginx.url, &app.base), &data).await;
+    let log = nginx.access_log();
+    assert!(log.lines().filter(|l| l.contains("\" 401 ")).count() >= 1, "{log}");
+    assert!(log.lines().any(|l| l.contains("\"PATCH ") && l.contains("\" 204 ")), "{log}");
 }

@@ -261,16 +261,21 @@ impl Uploader {
         if matches!(response.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
             return Err(refused("asking for the server's limits (OPTIONS)", response).await);
         }
+        if response.status().is_redirection() {
+            let location = text_header(&headers, "location").unwrap_or_default();
+            return Err(format!("{url} redirects to {location}: give that URL with --to"));
+        }
         if !headers.contains_key("tus-version") {
             let status = response.status();
             let cause = Cause::of_response(response).await;
             return Err(format!(
-                "{url} does not look like a tus endpoint: OPTIONS answered {} without Tus-Version{}",
+                "{url} does not look like a tus endpoint (such as https://host/files/): OPTIONS answered {} \
+                 without Tus-Version{}",
                 status_text(status),
                 cause.detail().map(|d| format!(" ({d})")).unwrap_or_default()
             ));
         }
-        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let text = |name: &str| text_header(&headers, name);
         let sha256 = text("tus-checksum-algorithm")
             .is_some_and(|list| list.split(',').any(|a| a.trim().eq_ignore_ascii_case("sha256")));
         Ok(ServerInfo {
@@ -422,17 +427,14 @@ const MAX_STARTS: u32 = 3;
 
 /// Resolves on Ctrl-C (130) or SIGTERM (143).
 async fn interrupted() -> i32 {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return std::future::pending().await;
     };
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => EXIT_INTERRUPTED,
-        () = term => 143,
+        _ = interrupt.recv() => EXIT_INTERRUPTED,
+        _ = terminate.recv() => 143,
     }
 }
 
@@ -1167,6 +1169,10 @@ fn retryable(status: StatusCode) -> bool {
         || status == StatusCode::TOO_MANY_REQUESTS
         || status == StatusCode::LOCKED
         || status.as_u16() == 460
+}
+
+fn text_header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
 fn gone(status: StatusCode) -> bool {

@@ -634,7 +634,10 @@ impl Cluster {
         let mut attempts = 0;
         let node = loop {
             attempts += 1;
-            let mut node = Node::spawn(&name, self.dir(), &self.db_url, &self.store_url, extra, &vars);
+            let port =
+                std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+            let addr = ([127, 0, 0, 1], port).into();
+            let mut node = Node::spawn(&name, addr, self.dir(), &self.db_url, &self.store_url, extra, &vars);
             match node.wait_ready().await {
                 Ok(()) => break node,
                 Err(log) if attempts < 3 && log.contains("in use") => continue,
@@ -659,7 +662,7 @@ impl Cluster {
         let (name, addr, env) = (node.name.clone(), node.addr, node.env.clone());
         let extra: Vec<String> = node.extra.clone();
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        let mut fresh = Node::spawn_at(&name, addr, self.dir(), &self.db_url, &self.store_url, &extra, &env);
+        let mut fresh = Node::spawn(&name, addr, self.dir(), &self.db_url, &self.store_url, &extra, &env);
         if let Err(log) = fresh.wait_ready().await {
             panic!("instance {name} did not start again on {addr}:\n{log}");
         }
@@ -797,21 +800,9 @@ impl Drop for Cluster {
 }
 
 impl Node {
-    fn spawn(
-        name: &str,
-        dir: &std::path::Path,
-        db_url: &str,
-        store_url: &str,
-        extra: &[&str],
-        env: &[(String, String)],
-    ) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-        Self::spawn_at(name, ([127, 0, 0, 1], port).into(), dir, db_url, store_url, extra, env)
-    }
-
     /// Starts an instance on `addr` (the log is appended to, so a restarted instance keeps its
     /// earlier lines).
-    fn spawn_at(
+    fn spawn(
         name: &str,
         addr: std::net::SocketAddr,
         dir: &std::path::Path,

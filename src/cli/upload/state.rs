@@ -113,8 +113,14 @@ pub struct Lock {
 }
 
 impl StateDir {
+    /// Opens the folder, creating it readable by its owner only: upload URLs are capabilities.
     pub fn open(dir: PathBuf) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create the state folder {}", dir.display()))?;
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("cannot create the state folder {}", dir.display()))?;
         Ok(Self { dir })
     }
 

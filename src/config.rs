@@ -28,6 +28,8 @@ pub enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Upload files to a ferry (or any tus 1.0) server, resumably: rerun the same command to resume.
+    Upload(Box<crate::cli::upload::UploadArgs>),
 }
 
 #[derive(Debug, Subcommand)]

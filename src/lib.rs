@@ -3,6 +3,7 @@
 //! Layers, top to bottom: [`http`] (axum handlers) -> [`uploads`] (the domain) -> [`repo`]
 //! (metadata and offsets, PostgreSQL or SQLite) and [`store`] (bytes, on object_store).
 
+pub mod cli;
 pub mod config;
 pub mod hooks;
 pub mod http;

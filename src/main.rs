@@ -18,6 +18,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Some(Command::Serve(args)) => serve(*args).await,
         Some(Command::Events { command }) => events(command).await,
+        Some(Command::Upload(args)) => std::process::exit(ferry::cli::upload::run(*args).await),
         None => serve(cli.serve).await,
     }
 }

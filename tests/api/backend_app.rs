@@ -37,7 +37,7 @@ enum Db {
 }
 
 /// The webhook secret the app verifies with (its `FERRY_WEBHOOK_SECRET`).
-const WEBHOOK_SECRET: &str = "whsec_ZmVycnktYmFja2VuZC1hcHAtdGVzdC1zZWNyZXQtMDE=";
+pub(crate) const WEBHOOK_SECRET: &str = "whsec_ZmVycnktYmFja2VuZC1hcHAtdGVzdC1zZWNyZXQtMDE=";
 /// A secret being rotated out: ferry signs with it too, the app does not know it.
 const OLD_WEBHOOK_SECRET: &str = "whsec_YW4tb2xkLXNlY3JldC10aGUtYXBwLW5ldmVyLWtuZXc=";
 /// A secret nobody configured.
@@ -52,7 +52,7 @@ const MIB: u64 = 1024 * 1024;
 const BOB_MAX: u64 = MIB;
 
 const CREATED: &str = "upload.created";
-const COMPLETED: &str = "upload.completed";
+pub(crate) const COMPLETED: &str = "upload.completed";
 const TERMINATED: &str = "upload.terminated";
 
 // ------------------------------------------------------------------------------------------------
@@ -123,11 +123,11 @@ fn send_signal(signal: &str, target: &str) {
 
 /// One event as the app's `GET /events` lists it.
 #[derive(Debug, Clone, Deserialize)]
-struct AppEvent {
+pub(crate) struct AppEvent {
     webhook_id: String,
     #[serde(rename = "type")]
-    kind: String,
-    upload_id: Option<String>,
+    pub(crate) kind: String,
+    pub(crate) upload_id: Option<String>,
     /// How many times ferry sent it.
     deliveries: i64,
     processed_at: Option<String>,
@@ -145,7 +145,7 @@ struct AppFile {
 }
 
 /// The example app under gunicorn: a process group (the master and its sync workers).
-struct PyApp {
+pub(crate) struct PyApp {
     addr: std::net::SocketAddr,
     base: String,
     db: PathBuf,
@@ -158,7 +158,7 @@ struct PyApp {
 
 impl PyApp {
     /// The app's settings in `dir`, on a port of its own; not started yet.
-    fn new(dir: &Path, workers: usize) -> Self {
+    pub(crate) fn new(dir: &Path, workers: usize) -> Self {
         let addr = free_addr();
         PyApp {
             addr,
@@ -171,7 +171,7 @@ impl PyApp {
         }
     }
 
-    fn webhook_url(&self) -> String {
+    pub(crate) fn webhook_url(&self) -> String {
         format!("{}/webhooks/ferry", self.base)
     }
 
@@ -196,7 +196,7 @@ impl PyApp {
     }
 
     /// Starts gunicorn (on the same port every time) and waits until the app answers.
-    async fn start(&mut self) {
+    pub(crate) async fn start(&mut self) {
         assert!(self.child.is_none(), "the app is already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("app log");
         let mut command = tokio::process::Command::new(python());
@@ -234,7 +234,7 @@ impl PyApp {
     }
 
     /// Every event the app received, in arrival order.
-    async fn events(&self) -> Result<Vec<AppEvent>, String> {
+    pub(crate) async fn events(&self) -> Result<Vec<AppEvent>, String> {
         #[derive(Deserialize)]
         struct Listing {
             events: Vec<AppEvent>,
@@ -317,7 +317,7 @@ impl PyApp {
     }
 
     /// The `upload.completed` payload the app stored for an upload.
-    async fn completed_payload(&self, url: &str) -> Value {
+    pub(crate) async fn completed_payload(&self, url: &str) -> Value {
         let id = upload_id(url);
         self.payloads()
             .await
@@ -614,7 +614,7 @@ fn expect(entries: &[(&str, &[&str])]) -> Timeline {
 
 /// Polls `probe` every 100 ms until it gives a value; fails the test after `limit` with the
 /// probe's last account of what it saw.
-async fn until<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
+pub(crate) async fn until<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, String>>,
@@ -813,7 +813,7 @@ impl Drop for Scene {
     }
 }
 
-fn sha256_hex(data: &[u8]) -> String {
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
 }
 

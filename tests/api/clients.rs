@@ -56,7 +56,7 @@ fn chunks_of(bytes: usize) -> u64 {
 }
 
 /// Fails the test (never skips it) when tuspy cannot be imported.
-async fn require_tuspy() -> String {
+pub(crate) async fn require_tuspy() -> String {
     let python = python();
     let checked = Command::new(&python)
         .args(["-c", "import tusclient, tusclient.storage.filestorage"])
@@ -74,7 +74,7 @@ async fn require_tuspy() -> String {
 }
 
 /// Fails the test (never skips it) when Node.js or tests/clients/node_modules is missing.
-async fn require_tusjs() -> String {
+pub(crate) async fn require_tusjs() -> String {
     let installed = clients_dir().join("node_modules").join("tus-js-client").join("package.json");
     assert!(installed.is_file(), "tus-js-client is not installed ({} is missing)\n{SETUP_HINT}", installed.display());
     match Command::new("node").arg("--version").stdin(Stdio::null()).output().await {
@@ -86,21 +86,21 @@ async fn require_tusjs() -> String {
 
 /// What one client run printed: `key=value` lines, then the upload URL as the last line.
 #[derive(Debug)]
-struct Run {
+pub(crate) struct Run {
     fields: HashMap<String, Vec<String>>,
-    url: String,
+    pub(crate) url: String,
     stderr: String,
 }
 
 impl Run {
-    fn text(&self, key: &str) -> &str {
+    pub(crate) fn text(&self, key: &str) -> &str {
         match self.fields.get(key).map(Vec::as_slice) {
             Some([value]) => value,
             other => panic!("expected one '{key}=' line from the client, got {other:?}; stderr:\n{}", self.stderr),
         }
     }
 
-    fn number(&self, key: &str) -> u64 {
+    pub(crate) fn number(&self, key: &str) -> u64 {
         let value = self.text(key);
         value.parse().unwrap_or_else(|_| panic!("'{key}={value}' is not a number"))
     }
@@ -111,7 +111,7 @@ impl Run {
 }
 
 /// Runs a client script in tests/clients and returns what it reported; fails on a non-zero exit.
-async fn run_client(program: &str, script: &str, args: &[String]) -> Run {
+pub(crate) async fn run_client(program: &str, script: &str, args: &[String]) -> Run {
     let mut command = Command::new(program);
     command
         .arg(clients_dir().join(script))

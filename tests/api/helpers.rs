@@ -591,6 +591,9 @@ pub struct Node {
     pub log: PathBuf,
     child: tokio::process::Child,
     exited: Option<std::process::ExitStatus>,
+    /// What it was started with, to start it again.
+    extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -644,6 +647,24 @@ impl Cluster {
 
     fn dir(&self) -> &std::path::Path {
         self.dir.as_ref().expect("temp dir").path()
+    }
+
+    /// Starts instance `index` again, on the same address with the same arguments, after it
+    /// was killed or stopped (it is killed first if it still runs); waits until it is ready.
+    pub async fn restart(&mut self, index: usize) -> &Node {
+        let node = &mut self.nodes[index];
+        if node.exited.is_none() {
+            node.sigkill().await;
+        }
+        let (name, addr, env) = (node.name.clone(), node.addr, node.env.clone());
+        let extra: Vec<String> = node.extra.clone();
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let mut fresh = Node::spawn_at(&name, addr, self.dir(), &self.db_url, &self.store_url, &extra, &env);
+        if let Err(log) = fresh.wait_ready().await {
+            panic!("instance {name} did not start again on {addr}:\n{log}");
+        }
+        self.nodes[index] = fresh;
+        &self.nodes[index]
     }
 
     /// The shared folder of a local store.
@@ -785,10 +806,23 @@ impl Node {
         env: &[(String, String)],
     ) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
-        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        Self::spawn_at(name, ([127, 0, 0, 1], port).into(), dir, db_url, store_url, extra, env)
+    }
+
+    /// Starts an instance on `addr` (the log is appended to, so a restarted instance keeps its
+    /// earlier lines).
+    fn spawn_at(
+        name: &str,
+        addr: std::net::SocketAddr,
+        dir: &std::path::Path,
+        db_url: &str,
+        store_url: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Self {
         let data_dir = dir.join(format!("node-{name}"));
         let log = dir.join(format!("node-{name}.log"));
-        let out = std::fs::File::create(&log).expect("log file");
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry"));
         command
@@ -823,6 +857,8 @@ impl Node {
             log,
             child,
             exited: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+            env: env.to_vec(),
         }
     }
 

@@ -19,6 +19,9 @@
 //   --override-patch            send PATCH as POST + X-HTTP-Method-Override
 //   --retry-delays a,b,c        retryDelays in ms (default: none, so any error fails the run)
 //
+// --chunk-size auto asks the server first (OPTIONS) and uses the max-append-size of its
+// Upload-Limit answer: the largest body the proxies in front let through.
+//
 // Prints key=value lines describing the run, then the upload URL as the last line:
 //   start_offset  where this run began (the offset HEAD reported when resuming, else 0)
 //   resumed_from  the URL found in the URL storage, if any
@@ -30,6 +33,7 @@
 //   retries       how many times the client decided to retry
 //   aborted       whether this run stopped on purpose before the end
 //   complete      whether the client reported success
+//   chunk_size    the chunk size used
 
 import { createReadStream } from 'node:fs'
 import { PassThrough } from 'node:stream'
@@ -71,10 +75,23 @@ function positive(name) {
   return n
 }
 
+// The max-append-size of the server's Upload-Limit (a structured-field dictionary of key=value).
+async function advertisedChunkSize(endpoint) {
+  const res = await fetch(endpoint, { method: 'OPTIONS', headers: { 'Tus-Resumable': '1.0.0' } })
+  if (!res.ok) fail(`OPTIONS ${endpoint}: ${res.status}`)
+  const limit = res.headers.get('Upload-Limit')
+  if (!limit) fail(`--chunk-size auto, but OPTIONS ${endpoint} sent no Upload-Limit`)
+  for (const item of limit.split(',')) {
+    const [key, value] = item.trim().split('=')
+    if (key === 'max-append-size') return Number.parseInt(value, 10)
+  }
+  fail(`no max-append-size in Upload-Limit: ${limit}`)
+}
+
 if (!args.endpoint || !args.file || !args['chunk-size']) {
   fail('--endpoint, --file and --chunk-size are required')
 }
-const chunkSize = positive('chunk-size')
+const chunkSize = args['chunk-size'] === 'auto' ? await advertisedChunkSize(args.endpoint) : positive('chunk-size')
 const abortAfterChunks = positive('abort-after-chunks')
 const abortMidRequest = positive('abort-mid-request')
 const parallel = positive('parallel')
@@ -107,6 +124,7 @@ function report(url, complete) {
     `retries=${stats.retries}`,
     `aborted=${stats.aborted}`,
     `complete=${complete}`,
+    `chunk_size=${chunkSize}`,
     url ?? '',
   ]
   // Writes to a pipe are synchronous in Node.js on Linux, so exiting right after is safe.

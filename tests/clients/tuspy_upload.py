@@ -15,9 +15,12 @@ Resuming, the way an application built on tuspy would do it:
   * ``--stop-after-chunks N`` stops after N chunks and exits at once without any clean-up,
     as a crashed process would.
 
+``--chunk-size auto`` asks the server first (OPTIONS) and uses the ``max-append-size`` of its
+``Upload-Limit`` answer: the largest body the proxies in front let through.
+
 Prints ``key=value`` lines describing the run, then the upload URL as the last line:
 ``start_offset`` (where this run began), ``chunks`` and ``sent`` (PATCH requests and bytes this
-run), ``offset`` (where the upload stands) and ``complete``.
+run), ``offset`` (where the upload stands), ``complete`` and ``chunk_size``.
 """
 
 import argparse
@@ -25,15 +28,37 @@ import asyncio
 import os
 import sys
 
+import requests
 from tusclient import client
 from tusclient.storage import filestorage
+
+
+def chunk_size(value):
+    """A number of bytes, or None for 'auto'."""
+    return None if value == "auto" else int(value)
+
+
+def advertised_chunk_size(endpoint):
+    """The max-append-size of the server's Upload-Limit (OPTIONS on the endpoint)."""
+    response = requests.options(endpoint, headers={"Tus-Resumable": "1.0.0"}, timeout=30)
+    response.raise_for_status()
+    limit = response.headers.get("Upload-Limit")
+    if not limit:
+        sys.exit(f"tuspy_upload: --chunk-size auto, but OPTIONS {endpoint} sent no Upload-Limit")
+    # A structured-field dictionary: key=value pairs separated by commas.
+    for item in limit.split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "max-append-size":
+            return int(value)
+    sys.exit(f"tuspy_upload: no max-append-size in Upload-Limit: {limit}")
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--endpoint", required=True, help="the tus creation URL, e.g. http://host/files/")
     parser.add_argument("--file", required=True, help="the file to upload")
-    parser.add_argument("--chunk-size", type=int, required=True, help="bytes per PATCH request")
+    parser.add_argument("--chunk-size", type=chunk_size, required=True,
+                        help="bytes per PATCH request, or 'auto' for the server's Upload-Limit max-append-size")
     parser.add_argument("--filename", help="sent as the 'filename' metadata value")
     parser.add_argument("--storage", help="a TinyDB file for tuspy's URL storage (enables resuming)")
     parser.add_argument("--url", help="resume this upload URL instead of creating an upload")
@@ -41,6 +66,8 @@ def parse_args():
     parser.add_argument("--checksum", action="store_true", help="send Upload-Checksum (sha1) with each chunk")
     parser.add_argument("--async", dest="use_async", action="store_true", help="use tuspy's asyncio uploader")
     args = parser.parse_args()
+    if args.chunk_size is None:
+        args.chunk_size = advertised_chunk_size(args.endpoint)
     if args.chunk_size <= 0:
         parser.error("--chunk-size must be positive")
     if args.stop_after_chunks is not None and args.stop_after_chunks <= 0:
@@ -74,6 +101,7 @@ def report(uploader, size, start_offset, chunks, sent):
     print(f"sent={sent}")
     print(f"offset={uploader.offset}")
     print(f"complete={'true' if uploader.offset == size else 'false'}")
+    print(f"chunk_size={uploader.chunk_size}")
     print(uploader.url)
     sys.stdout.flush()
 

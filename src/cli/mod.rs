@@ -1,0 +1,3 @@
+//! Command-line clients of ferry.
+
+pub mod upload;

@@ -392,7 +392,8 @@ export class Upload extends EventTarget {
     let delay = exponential / 2 + Math.random() * (exponential / 2)
     if (error.retryAfter) delay = Math.max(delay, Math.min(maxRetryDelay, error.retryAfter * 1000))
     this.stats.retries++
-    this._setState('retrying', { message: `${error.message}; trying again in ${formatDuration(delay / 1000)}`, delay, error })
+    const when = delay < 1000 ? 'trying again now' : `trying again in ${formatDuration(Math.ceil(delay / 1000))}`
+    this._setState('retrying', { message: `${error.message}; ${when}`, delay, error })
     // Wakes early when the browser comes back online, or when paused.
     await new Promise((resolve) => {
       const wake = () => {
@@ -415,8 +416,10 @@ export class Upload extends EventTarget {
     if (failedSize <= up.options.minChunkSize) {
       throw new UploadError(`${why}, even at ${formatBytes(failedSize)}; raise the proxy's body limit (nginx: client_max_body_size)`, { status: 413 })
     }
-    up._ceiling = Math.min(up._ceiling, failedSize - 1)
-    this.chunkSize = Math.min(smaller, up._ceiling)
+    // Somewhere between the two sizes lies the limit: stay at or below the smaller from now on
+    // (every upload of this uploader), rather than keep hitting it while growing.
+    up._ceiling = Math.min(up._ceiling, smaller)
+    this.chunkSize = Math.min(smaller, up._chunkCap())
     this.stats.shrinks++
     this._emit('chunksize', { chunkSize: this.chunkSize, reason: why })
   }
@@ -646,7 +649,7 @@ export class FerryUploader extends EventTarget {
     this._checksums = false
     /** The server's advertised `max-append-size`, when it sends one. */
     this.maxAppendSize = null
-    /** Chunks larger than this failed (413, or kept failing): no upload goes above it again. */
+    /** Chunks twice this size failed (413, or kept failing): no upload goes above it again. */
     this._ceiling = Infinity
   }
 
@@ -759,7 +762,7 @@ export class FerryUploader extends EventTarget {
     const limit = maxAppendSizeOf(reply.header('Upload-Limit'))
     if (limit === null || limit === this.maxAppendSize) return
     this.maxAppendSize = limit
-    for (const upload of this.uploads) upload.chunkSize = Math.min(upload.chunkSize || Infinity, this._chunkCap())
+    for (const upload of this.uploads) if (upload.chunkSize) upload.chunkSize = Math.min(upload.chunkSize, this._chunkCap())
   }
 
   _chunkCap() {

@@ -106,9 +106,23 @@ function row(upload) {
     input.focus()
   })
 
+  // Sent so far; while uploading also the speed and the time left.
+  let last = null
+  function showStats() {
+    if (!last) return
+    const { bytesSent, bytesTotal, speed, eta } = last
+    const parts = [`${formatBytes(bytesSent)} of ${formatBytes(bytesTotal)}`]
+    if (upload.state === 'uploading' && speed > 0) {
+      parts.push(`${formatBytes(speed)}/s`)
+      if (eta !== null && bytesSent < bytesTotal) parts.push(`${formatDuration(eta)} left`)
+    }
+    $('.upload-stats').textContent = parts.join(' · ')
+  }
+
   let lastStats = 0
   upload.addEventListener('progress', (event) => {
-    const { bytesSent, bytesTotal, speed, eta, chunkSize } = event.detail
+    const { bytesSent, bytesTotal, chunkSize } = event.detail
+    last = event.detail
     const percent = bytesTotal ? (100 * bytesSent) / bytesTotal : 100
     const bar = $('.upload-progress')
     bar.value = percent
@@ -123,12 +137,7 @@ function row(upload) {
     const now = performance.now()
     if (now - lastStats < 500 && bytesSent < bytesTotal) return
     lastStats = now
-    const parts = [`${formatBytes(bytesSent)} of ${formatBytes(bytesTotal)}`]
-    if (upload.state === 'uploading' && speed > 0) {
-      parts.push(`${formatBytes(speed)}/s`)
-      if (eta !== null && bytesSent < bytesTotal) parts.push(`${formatDuration(eta)} left`)
-    }
-    $('.upload-stats').textContent = parts.join(' · ')
+    showStats()
   })
 
   upload.addEventListener('chunksize', (event) => {
@@ -150,6 +159,7 @@ function row(upload) {
     $('.resume').setAttribute('aria-label', `${state === 'error' ? 'Retry' : 'Resume'} ${name}`)
     $('.cancel').hidden = state === 'done' || state === 'aborted'
     if (state !== 'error') $('.upload-error').hidden = true
+    if (state !== 'uploading') showStats()
     if (state === 'paused') announce(`${name}: paused`)
     if (state === 'aborted') {
       announce(`${name}: cancelled`)

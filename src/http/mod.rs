@@ -60,6 +60,7 @@ const EXPOSED_HEADERS: &[&str] = &[
     "www-authenticate",
     "etag",
     "upload-limit",
+    "retry-after",
 ];
 
 /// Request headers a browser client may send.

@@ -49,8 +49,7 @@ struct Asset {
 
 impl Asset {
     fn new(body: String, content_type: &'static str, cache_control: &'static str) -> Self {
-        let digest = Sha256::digest(body.as_bytes());
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        let hex: String = Sha256::digest(body.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
         let etag = HeaderValue::from_str(&format!("\"{hex}\"")).expect("hex is a valid header value");
         let policy = if content_type.starts_with("text/html") { PAGE_POLICY } else { ASSET_POLICY };
         Self { body: body.into(), content_type, cache_control, policy, etag, shared: false }

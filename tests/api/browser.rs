@@ -18,7 +18,11 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::process::Command;
 
-use crate::helpers::{Backend, TestApp, assert_same_bytes, header, random_bytes};
+use crate::{
+    backend_app::{PyApp, TOKEN_SECRET},
+    helpers::{Backend, TestApp, assert_same_bytes, header, random_bytes},
+    nginx::ProxyChain,
+};
 
 const MIB: usize = 1024 * 1024;
 /// How long one browser script may take before the test gives up on it.
@@ -123,6 +127,14 @@ async fn assert_uploaded(app: &TestApp, shown: &Value, data: &[u8]) {
     assert_same_bytes(&format!("download of {url}"), &app.download(url).await, data);
 }
 
+/// An upload token (HS256) for `sub`, valid for ten minutes.
+fn token_for(sub: &str, secret: &str) -> String {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let claims = serde_json::json!({"sub": sub, "exp": exp});
+    encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+}
+
 fn throughput(bytes: usize, ms: f64) -> f64 {
     bytes as f64 / MIB as f64 / (ms / 1000.0)
 }
@@ -135,8 +147,38 @@ fn metric(page: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name} in /metrics:\n{page}"))
 }
 
+/// Where the tests leave screenshots of the page (printed by the tests that take them).
+fn screenshots() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
+    std::fs::create_dir_all(&dir).expect("screenshot folder");
+    dir
+}
+
 /// Page settings that make chunk counts exact: 1 MiB chunks that never grow, quick retries.
 const FIXED_CHUNKS: &str = "?chunkSize=1MiB&maxChunkSize=1MiB&retryDelay=100&maxRetryDelay=1000";
+
+/// Runs a `page.mjs` scenario with one file of `len` bytes in 1 MiB chunks, acting after `after`
+/// chunks; returns the server, the file's bytes and what the script reported.
+async fn page_scenario(
+    scenario: &str,
+    name: &str,
+    len: usize,
+    after: usize,
+    more: &[(&str, &str)],
+) -> (TestApp, Vec<u8>, Value) {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let files = Files::new();
+    let data = files.add(name, len, len as u64);
+    let mut script = args(&[
+        ("url", &format!("{}/{FIXED_CHUNKS}", app.base)),
+        ("scenario", scenario),
+        ("after", &after.to_string()),
+        ("file", &files.path(name)),
+    ]);
+    script.extend(args(more));
+    let result = run_script("page.mjs", &script).await;
+    (app, data, result)
+}
 
 // ------------------------------------------------------------------------------------------------
 // Serving the page and the module
@@ -245,9 +287,7 @@ async fn the_page_uploads_several_files_and_shows_their_sha256() {
     let files = Files::new();
     let big = files.add("big.bin", 64 * MIB + 12_345, 1);
     let small = files.add("notes ✓.txt", 300_000, 2);
-    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
-    std::fs::create_dir_all(&shots).unwrap();
-    let (wide, narrow) = (shots.join("finished-page.png"), shots.join("finished-page-narrow.png"));
+    let (wide, narrow) = (screenshots().join("finished-page.png"), screenshots().join("finished-page-narrow.png"));
 
     let mut script = args(&[("url", &format!("{}/", app.base)), ("scenario", "upload")]);
     script.extend(args(&[("file", &files.path("big.bin")), ("file", &files.path("notes ✓.txt"))]));
@@ -264,6 +304,8 @@ async fn the_page_uploads_several_files_and_shows_their_sha256() {
     assert_eq!(number(&shown[0]["stats"], "bytesPatched"), big.len() as u64);
     assert_eq!(number(&shown[0]["stats"], "retries"), 0);
     assert_eq!(result["narrowOverflow"].as_i64(), Some(0), "nothing sticks out sideways 380 px wide");
+    assert_eq!(result["firstTab"], "files", "Tab reaches the file picker first");
+    assert!(text(&result, "announced").contains("uploaded"), "screen readers hear the outcome: {result}");
     assert!(wide.is_file() && narrow.is_file());
     let ms = shown[0]["ms"].as_f64().unwrap();
     println!(
@@ -277,18 +319,8 @@ async fn the_page_uploads_several_files_and_shows_their_sha256() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_reload_the_page_resumes_without_sending_finished_chunks_again() {
-    let app = TestApp::spawn(Backend::Sqlite).await;
-    let files = Files::new();
-    let data = files.add("resume.bin", 24 * MIB + 777, 3);
     let after = 6;
-
-    let script = args(&[
-        ("url", &format!("{}/{FIXED_CHUNKS}", app.base)),
-        ("scenario", "reload"),
-        ("after", &after.to_string()),
-        ("file", &files.path("resume.bin")),
-    ]);
-    let result = run_script("page.mjs", &script).await;
+    let (app, data, result) = page_scenario("reload", "resume.bin", 24 * MIB + 777, after, &[]).await;
 
     let shown = only_file(&result);
     assert_uploaded(&app, shown, &data).await;
@@ -319,19 +351,8 @@ async fn after_a_reload_the_page_resumes_without_sending_finished_chunks_again()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_recovers_by_itself_when_the_network_comes_back() {
-    let app = TestApp::spawn(Backend::Sqlite).await;
-    let files = Files::new();
-    let data = files.add("cut.bin", 12 * MIB + 5, 4);
     let after = 4;
-
-    let script = args(&[
-        ("url", &format!("{}/{FIXED_CHUNKS}", app.base)),
-        ("scenario", "cut"),
-        ("after", &after.to_string()),
-        ("failures", "5"),
-        ("file", &files.path("cut.bin")),
-    ]);
-    let result = run_script("page.mjs", &script).await;
+    let (app, data, result) = page_scenario("cut", "cut.bin", 12 * MIB + 5, after, &[("failures", "5")]).await;
 
     assert!(number(&result, "aborted") >= 5, "{result}");
     assert_eq!(text(&result, "stateDuringCut"), "retrying", "{result}");
@@ -345,18 +366,10 @@ async fn the_page_recovers_by_itself_when_the_network_comes_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_stops_the_upload_and_resume_finishes_it() {
-    let app = TestApp::spawn(Backend::Sqlite).await;
-    let files = Files::new();
-    let data = files.add("pause.bin", 12 * MIB + 99, 5);
     let after = 3;
-
-    let script = args(&[
-        ("url", &format!("{}/{FIXED_CHUNKS}", app.base)),
-        ("scenario", "pause"),
-        ("after", &after.to_string()),
-        ("file", &files.path("pause.bin")),
-    ]);
-    let result = run_script("page.mjs", &script).await;
+    let shot = screenshots().join("paused-page.png");
+    let (app, data, result) =
+        page_scenario("pause", "pause.bin", 12 * MIB + 99, after, &[("screenshot", shot.to_str().unwrap())]).await;
 
     let offsets: Vec<u64> = result["offsets"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
     assert_eq!(offsets, vec![(after * MIB) as u64; offsets.len()], "the offset stood still while paused");
@@ -364,6 +377,7 @@ async fn pause_stops_the_upload_and_resume_finishes_it() {
     assert!(text(&result, "focusedAfterPause").contains("resume"), "focus moved to Resume: {result}");
     assert_uploaded(&app, only_file(&result), &data).await;
     assert_eq!(app.upload_count().await, 1);
+    println!("paused page: {}", shot.display());
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -381,12 +395,7 @@ async fn apps_on_another_origin_upload_with_the_module_tus_js_client_and_uppy() 
         args.max_append_size = Some(limit as u64);
     })
     .await;
-    let token = {
-        use jsonwebtoken::{EncodingKey, Header, encode};
-        let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
-        let claims = serde_json::json!({"sub": "alice", "exp": exp});
-        encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
-    };
+    let token = token_for("alice", secret);
     let files = Files::new();
     let data = files.add("shared.bin", 64 * MIB + 321, 6);
 
@@ -427,4 +436,104 @@ async fn apps_on_another_origin_upload_with_the_module_tus_js_client_and_uppy() 
         "64 MiB in 4 MiB chunks from another origin: {}; module/tus-js-client speed ratio {ratio:.2}",
         speed.join(", ")
     );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Through two nginx at their defaults (client_max_body_size 1m), advertising no limit: the module
+// finds it out by itself.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_nginx_the_page_shrinks_its_chunks_until_they_pass() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |args| args.behind_proxy = true).await;
+    let chain = ProxyChain::start(&app.addr.to_string());
+    let files = Files::new();
+    let data = files.add("through-nginx.bin", 12 * MIB + 3, 7);
+
+    // The page itself comes through the proxies too: one origin, so the browser sees nginx's 413.
+    let script = args(&[
+        ("url", &format!("{}/?chunkSize=8MiB&retryDelay=100&maxRetryDelay=1000", chain.url())),
+        ("scenario", "upload"),
+        ("file", &files.path("through-nginx.bin")),
+    ]);
+    let result = run_script("page.mjs", &script).await;
+
+    let shown = only_file(&result);
+    assert!(text(shown, "url").starts_with(chain.url()), "uploaded through the proxies: {shown}");
+    assert_eq!(text(shown, "state"), "done", "{shown}\n{}", chain.logs());
+    assert_eq!(text(shown, "sha256"), sha256_hex(&data));
+    let url = format!("{}{}", app.files, crate::helpers::upload_id(text(shown, "url")));
+    assert_same_bytes("the upload", &app.download(&url).await, &data);
+    let stats = &shown["stats"];
+    assert_eq!(number(stats, "shrinks"), 3, "8 MiB, 4 MiB, 2 MiB refused; 1 MiB passes: {stats}");
+    assert_eq!(number(shown, "chunkSize"), MIB as u64);
+    assert_eq!(number(stats, "bytesPatched"), data.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_nginx_from_another_origin_the_module_shrinks_on_opaque_failures() {
+    let app_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let app = TestApp::spawn_with(Backend::Sqlite, |args| {
+        args.behind_proxy = true;
+        args.cors_origin = vec![format!("http://127.0.0.1:{app_port}")];
+    })
+    .await;
+    let chain = ProxyChain::start(&app.addr.to_string());
+    let files = Files::new();
+    let data = files.add("opaque.bin", 6 * MIB + 1, 8);
+
+    // nginx's 413 carries no CORS headers: to the page it is a network error like any other. Small
+    // requests (HEAD) get through while the large chunk keeps failing, so the module shrinks it.
+    let options = r#"{"retryDelay": 100, "maxRetryDelay": 1000, "minChunkSize": 262144}"#;
+    let script = args(&[
+        ("app-port", &app_port.to_string()),
+        ("endpoint", &format!("{}/files/", chain.url())),
+        ("file", &files.path("opaque.bin")),
+        ("chunk-size", &(4 * MIB).to_string()),
+        ("module-options", options),
+        ("client", "module"),
+    ]);
+    let result = run_script("clients.mjs", &script).await;
+
+    let run = &result["runs"][0];
+    assert_eq!(text(run, "sha256"), sha256_hex(&data), "{run}\n{}", chain.logs());
+    let url = format!("{}{}", app.files, crate::helpers::upload_id(text(run, "url")));
+    assert_same_bytes("the upload", &app.download(&url).await, &data);
+    assert_eq!(number(&run["stats"], "shrinks"), 2, "4 MiB and 2 MiB failed; 1 MiB passes: {run}");
+    assert_eq!(number(run, "chunkSize"), MIB as u64);
+}
+
+// ------------------------------------------------------------------------------------------------
+// The example app (examples/python under gunicorn): its page imports the module from ferry and
+// gets upload tokens from the app.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_apps_page_uploads_with_the_module_and_its_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut example = PyApp::new(dir.path(), 1);
+    let app = TestApp::spawn_with(Backend::Sqlite, |args| {
+        args.token_secret = Some(TOKEN_SECRET.into());
+        args.cors_origin = vec![example.base().to_string()];
+    })
+    .await;
+    example.set_ferry_url(&app.base);
+    example.start().await;
+    let files = Files::new();
+    let data = files.add("report.pdf", 5 * MIB + 17, 9);
+
+    let script = args(&[("app", example.base()), ("user", "alice"), ("file", &files.path("report.pdf"))]);
+    let result = run_script("example_app.mjs", &script).await;
+
+    let shown = text(&result, "text");
+    assert!(shown.contains(&format!("done, SHA-256 {}", sha256_hex(&data))), "the page says: {shown}");
+    // The upload is alice's: her token downloads it.
+    let id: uuid::Uuid = {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&app.db_url).await.unwrap();
+        sqlx::query_scalar("SELECT id FROM uploads").fetch_one(&mut conn).await.unwrap()
+    };
+    let token = token_for("alice", TOKEN_SECRET);
+    let url = format!("{}{}", app.files, id.simple());
+    let response = app.client.get(&url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(response.status(), 200, "GET {url} as alice");
+    assert_same_bytes("the upload", &response.bytes().await.unwrap(), &data);
 }

@@ -9,7 +9,8 @@
 //       --client module --client tusjs
 //
 // Options: --client (module, tusjs, uppy; repeatable, run in that order in one page), --token (sent
-// as Authorization: Bearer), --chunk-size (bytes; for the module the starting and largest size).
+// as Authorization: Bearer), --chunk-size (bytes; for the module the starting and largest size),
+// --module-options (JSON, more options for the module's FerryUploader).
 // Prints { origin, runs: [{ client, url, ms, events? }] }.
 
 import { createServer } from 'node:http'
@@ -29,6 +30,7 @@ const { values: args } = parseArgs({
     client: { type: 'string', multiple: true },
     token: { type: 'string' },
     'chunk-size': { type: 'string', default: String(8 * 1024 * 1024) },
+    'module-options': { type: 'string', default: '{}' },
   },
   strict: true,
 })
@@ -66,6 +68,7 @@ const files = {
     type: 'text/html',
     body: `<!doctype html><meta charset="utf-8"><title>app</title>
       <input type="file" id="file">
+      <link rel="icon" href="data:,">
       <script src="/vendor.js"></script>
       <script type="module" src="/app.js"></script>`,
   },
@@ -81,11 +84,18 @@ const files = {
 }
 
 const runners = {
-  module: async ({ endpoint, token, chunkSize }) => {
+  module: async ({ endpoint, token, chunkSize, moduleOptions }) => {
     const file = document.getElementById('file').files[0]
     const events = []
     const began = performance.now()
-    const uploader = new window.FerryUploader({ endpoint, token: async () => token, chunkSize, maxChunkSize: chunkSize, metadata: { app: 'clients.mjs' } })
+    const uploader = new window.FerryUploader({
+      endpoint,
+      token: async () => token,
+      chunkSize,
+      maxChunkSize: chunkSize,
+      metadata: { app: 'clients.mjs' },
+      ...moduleOptions,
+    })
     const upload = uploader.add(file)
     for (const type of ['statechange', 'success', 'error']) uploader.addEventListener(type, (e) => events.push(type === 'statechange' ? e.detail.state : type))
     let progressEvents = 0
@@ -94,7 +104,17 @@ const runners = {
       upload.addEventListener('success', (e) => resolve(e.detail))
       upload.addEventListener('error', (e) => reject(new Error(e.detail.error.message)))
     })
-    return { url: result.url, sha256: result.sha256, ms: performance.now() - began, events, progressEvents, stats: upload.stats, checksums: uploader._checksums, maxAppendSize: uploader.maxAppendSize }
+    return {
+      url: result.url,
+      sha256: result.sha256,
+      ms: performance.now() - began,
+      events,
+      progressEvents,
+      stats: upload.stats,
+      chunkSize: upload.chunkSize,
+      checksums: uploader._checksums,
+      maxAppendSize: uploader.maxAppendSize,
+    }
   },
   tusjs: async ({ endpoint, token, chunkSize }) => {
     const file = document.getElementById('file').files[0]
@@ -149,7 +169,8 @@ await withBrowser(async (browser) => {
   const runs = []
   for (const client of args.client) {
     const runner = runners[client] ?? fail(`unknown --client ${client}`)
-    const result = await page.evaluate(runner, { endpoint: args.endpoint, token: args.token ?? null, chunkSize })
+    const given = { endpoint: args.endpoint, token: args.token ?? null, chunkSize, moduleOptions: JSON.parse(args['module-options']) }
+    const result = await page.evaluate(runner, given)
     runs.push({ client, ...result })
   }
   return { origin: ORIGIN, runs }

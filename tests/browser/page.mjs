@@ -11,8 +11,8 @@
 //   cut      after --after PATCHes, every request to the upload fails (a dropped network) until
 //            --failures requests have failed; then the network is back and the upload must finish
 //            by itself
-//   pause    hold the PATCH after --after, press Pause, watch the server's offset stand still,
-//            then press Resume with the keyboard and wait until done
+//   pause    hold the PATCH after --after, press Pause (--screenshot saves the paused page), watch
+//            the server's offset stand still, then press Resume with the keyboard and wait until done
 //
 // Prints one JSON object: { files: [{ name, state, url, sha256, ms, stats, chunkSize, ... }], ... }
 
@@ -78,25 +78,36 @@ async function done(page, name, limitMs = 60000) {
   return Date.now()
 }
 
+/** Gates the upload's requests: the PATCH after the first `after` gets `verdict()`, all else goes on. */
+async function atNextPatch(page, verdict) {
+  let patches = 0
+  return gateUploads(page, endpointPath, (request) =>
+    request.method() === 'PATCH' && ++patches === after + 1 ? verdict() : 'continue',
+  )
+}
+
 const scenarios = {
   async upload(page) {
     await open(page)
+    // The keyboard reaches the file picker first.
+    await page.keyboard.press('Tab')
+    const firstTab = await page.evaluate(() => document.activeElement?.id ?? null)
     const names = args.file.map((f) => basename(f))
     const began = Date.now()
     await page.setInputFiles('#files', args.file)
     const finished = await Promise.all(names.map((name) => done(page, name)))
     const shown = await rows(page)
     const files = names.map((name, i) => ({ ...shown.find((r) => r.name === name), ms: finished[i] - began }))
-    const result = { files, announced: await page.textContent('#announce') }
+    const result = { files, firstTab, announced: await page.textContent('#announce') }
     if (args.screenshot) {
       await page.setViewportSize({ width: 1000, height: 800 })
       await page.locator('#uploads li.upload .pause').first().waitFor({ state: 'hidden' })
-      await page.screenshot({ path: args.screenshot, fullPage: true })
+      await page.screenshot({ path: args.screenshot, fullPage: true, animations: 'disabled' })
       result.screenshot = args.screenshot
     }
     if (args['narrow-screenshot']) {
       await page.setViewportSize({ width: 380, height: 800 })
-      await page.screenshot({ path: args['narrow-screenshot'], fullPage: true })
+      await page.screenshot({ path: args['narrow-screenshot'], fullPage: true, animations: 'disabled' })
       result.narrowScreenshot = args['narrow-screenshot']
       // Nothing may stick out sideways on a phone.
       result.narrowOverflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth)
@@ -108,15 +119,9 @@ const scenarios = {
     const file = args.file[0]
     const name = basename(file)
     await open(page)
-    let patches = 0
     let reloading = null
-    const gate = await gateUploads(page, endpointPath, (request) => {
-      if (request.method() === 'PATCH' && ++patches === after + 1) {
-        // This PATCH goes out, and the page goes away while it is on its way.
-        return ['continue', () => (reloading = page.reload())]
-      }
-      return 'continue'
-    })
+    // This PATCH goes out, and the page goes away while it is on its way.
+    const gate = await atNextPatch(page, () => ['continue', () => (reloading = page.reload())])
     await page.setInputFiles('#files', file)
     await waitFor('the reload', () => reloading)
     await reloading
@@ -126,7 +131,7 @@ const scenarios = {
     const began = Date.now()
     await page.setInputFiles('#files', file)
     const finished = await done(page, name)
-    return { files: [{ ...(await row(page, name)), ms: finished - began }], patchesBeforeReload: patches, offered }
+    return { files: [{ ...(await row(page, name)), ms: finished - began }], offered }
   },
 
   async cut(page) {
@@ -143,34 +148,33 @@ const scenarios = {
       aborted++
       return 'abort'
     })
+    const began = Date.now()
     await page.setInputFiles('#files', file)
     await waitFor(`${failures} failed requests`, () => aborted >= failures)
     const during = await row(page, name)
     const offsetDuringCut = await serverOffset(during.url)
     await gate.open()
     const finished = await done(page, name)
-    return { files: [{ ...(await row(page, name)), ms: finished }], aborted, stateDuringCut: during.state, statusDuringCut: during.status, offsetDuringCut }
+    return { files: [{ ...(await row(page, name)), ms: finished - began }], aborted, stateDuringCut: during.state, statusDuringCut: during.status, offsetDuringCut }
   },
 
   async pause(page) {
     const file = args.file[0]
     const name = basename(file)
     await open(page)
-    let patches = 0
     let held = false
-    const gate = await gateUploads(page, endpointPath, (request) => {
-      if (request.method() === 'PATCH' && ++patches === after + 1) {
-        held = true
-        return 'hold'
-      }
-      return 'continue'
+    const gate = await atNextPatch(page, () => {
+      held = true
+      return 'hold'
     })
+    const began = Date.now()
     await page.setInputFiles('#files', file)
     await waitFor('a PATCH on hold', () => held)
     const item = page.locator(`#uploads li.upload[data-name="${name}"]`)
     await item.locator('button.pause').click()
     await page.waitForSelector(`#uploads li.upload[data-name="${name}"][data-state="paused"]`)
     const focusedAfterPause = await page.evaluate(() => document.activeElement?.className ?? null)
+    if (args.screenshot) await page.screenshot({ path: args.screenshot, fullPage: true, animations: 'disabled' })
     await gate.dropHeld()
     await gate.open()
     // Paused means nothing moves: the server's offset stays where it is for a while.
@@ -184,7 +188,7 @@ const scenarios = {
     // Resume from the keyboard: focus moved to the Resume button.
     await page.keyboard.press('Enter')
     const finished = await done(page, name)
-    return { files: [{ ...(await row(page, name)), ms: finished }], patchesBeforePause: after, offsets, sentWhilePaused, focusedAfterPause }
+    return { files: [{ ...(await row(page, name)), ms: finished - began }], patchesBeforePause: after, offsets, sentWhilePaused, focusedAfterPause }
   },
 }
 

@@ -294,8 +294,15 @@ export class Upload extends EventTarget {
         }
       }
     } else {
-      const found = await this._retrying(run, () => this._head(this.url, run, false))
-      this.offset = found.offset
+      // Resuming after pause() or an error. An upload the server no longer has (expired,
+      // deleted) starts again from the beginning.
+      const found = await this._retrying(run, () => this._head(this.url, run, true))
+      if (found) {
+        this.offset = found.offset
+      } else {
+        up._forget(this.file)
+        this.url = null
+      }
     }
     this._check(run)
     if (!this.url) {

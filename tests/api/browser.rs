@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use base64::{Engine, engine::general_purpose::STANDARD};
 use reqwest::Method;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -124,6 +125,14 @@ async fn assert_uploaded(app: &TestApp, shown: &Value, data: &[u8]) {
     assert_eq!(shown["downloadHref"].as_str(), Some(url), "the download link is the upload URL: {shown}");
     let head = app.head(url).await;
     assert_eq!(header(&head, "upload-offset"), data.len().to_string());
+    // The file's name went along as metadata (UTF-8, base64).
+    let metadata = header(&head, "upload-metadata");
+    let filename = metadata
+        .split(',')
+        .find_map(|pair| pair.trim().strip_prefix("filename "))
+        .map(|value| String::from_utf8(STANDARD.decode(value).unwrap()).unwrap());
+    assert_eq!(filename.as_deref(), Some(text(shown, "name")), "Upload-Metadata: {metadata}");
+    assert!(metadata.split(',').any(|pair| pair.trim().starts_with("filetype ")), "Upload-Metadata: {metadata}");
     assert_same_bytes(&format!("download of {url}"), &app.download(url).await, data);
 }
 

@@ -151,6 +151,7 @@ const scenarios = {
     const began = Date.now()
     await page.setInputFiles('#files', file)
     await waitFor(`${failures} failed requests`, () => aborted >= failures)
+    await page.waitForSelector(`#uploads li.upload[data-name="${name}"][data-state="retrying"]`)
     const during = await row(page, name)
     const offsetDuringCut = await serverOffset(during.url)
     await gate.open()

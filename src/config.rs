@@ -30,6 +30,9 @@ pub enum Command {
     },
     /// Upload files to a ferry (or any tus 1.0) server, resumably: rerun the same command to resume.
     Upload(Box<crate::cli::upload::UploadArgs>),
+    /// Check the way from a client to ferry: the proxies' body limit and buffering, latency,
+    /// throughput; recommends a chunk size and proxy settings.
+    Doctor(crate::cli::doctor::DoctorArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -220,6 +223,19 @@ pub struct ServeArgs {
     /// How often the background sweeper looks for expired uploads and leftover bytes.
     #[arg(long, env = "FERRY_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
+
+    /// Turn off the probe endpoint (`POST <base-path>probe`) that `ferry doctor` measures the
+    /// proxies in front with.
+    #[arg(long, env = "FERRY_NO_PROBE")]
+    pub no_probe: bool,
+
+    /// Largest body the probe endpoint reads; larger ones get ferry's own 413 (`Ferry-Probe: limit`).
+    #[arg(long, env = "FERRY_PROBE_MAX_SIZE", default_value = "64MiB", value_parser = parse_size)]
+    pub probe_max_size: u64,
+
+    /// Bytes per minute all probes of one instance may read together (429 with `Retry-After` beyond).
+    #[arg(long, env = "FERRY_PROBE_BUDGET", default_value = "1GiB", value_parser = parse_size)]
+    pub probe_budget: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -19,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
         Some(Command::Serve(args)) => serve(*args).await,
         Some(Command::Events { command }) => events(command).await,
         Some(Command::Upload(args)) => std::process::exit(ferry::cli::upload::run(*args).await),
+        Some(Command::Doctor(args)) => ferry::cli::doctor::run(args).await,
         None => serve(cli.serve).await,
     }
 }

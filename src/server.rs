@@ -83,6 +83,12 @@ impl App {
             precreate,
             max_append_size: args.max_append_size,
             behind_proxy: args.behind_proxy,
+            probe: (!args.no_probe).then(|| {
+                Arc::new(http::probe::Probe::new(http::probe::ProbeSettings {
+                    max_size: args.probe_max_size,
+                    budget_per_minute: args.probe_budget,
+                }))
+            }),
         };
         let metrics_inline = args.metrics_listen.is_none();
         let router = http::router(state.clone(), &args.cors_origin, metrics_inline);

@@ -1,3 +1,4 @@
-//! Command-line clients of ferry.
+//! Command-line clients of ferry: `ferry upload` and `ferry doctor`.
 
+pub mod doctor;
 pub mod upload;

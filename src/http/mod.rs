@@ -4,6 +4,7 @@ pub mod auth;
 mod download;
 pub mod error;
 pub mod headers;
+pub mod probe;
 pub mod tus;
 mod web;
 
@@ -37,6 +38,8 @@ pub struct AppState {
     pub max_append_size: Option<u64>,
     /// Whether `Forwarded` / `X-Forwarded-*` from the proxy in front are trusted for URLs.
     pub behind_proxy: bool,
+    /// The probe endpoint of `ferry doctor` (`POST {base_path}probe`), unless disabled.
+    pub probe: Option<std::sync::Arc<probe::Probe>>,
 }
 
 /// Response headers a browser client must be able to read.
@@ -97,6 +100,7 @@ pub fn router(state: AppState, cors_origins: &[String], with_metrics: bool) -> R
     let mut router = Router::new()
         .merge(tus_routes)
         .merge(web::routes(&base))
+        .merge(probe::routes(&state))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     if with_metrics {

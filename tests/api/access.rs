@@ -12,7 +12,7 @@ use crate::helpers::{Backend, TestApp, header};
 
 const TOKEN_SECRET: &str = "token secret shared with the app";
 
-pub(crate) fn token(secret: &str, sub: &str, exp_in: i64, max_size: Option<u64>) -> String {
+pub fn token(secret: &str, sub: &str, exp_in: i64, max_size: Option<u64>) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     let mut claims = serde_json::json!({"sub": sub, "exp": now + exp_in});
     if let Some(max) = max_size {

@@ -35,12 +35,12 @@ const MIB: usize = 1 << 20;
 const RUN_LIMIT: Duration = Duration::from_secs(120);
 
 /// A folder with the files to upload and the client's state folder.
-struct Workspace {
+pub(crate) struct Workspace {
     dir: tempfile::TempDir,
 }
 
 impl Workspace {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self { dir: tempfile::tempdir().expect("temp dir") }
     }
 
@@ -57,7 +57,7 @@ impl Workspace {
     }
 
     /// The upload URLs remembered in the state folder.
-    fn remembered_urls(&self) -> Vec<String> {
+    pub(crate) fn remembered_urls(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(self.state_dir()) else { return Vec::new() };
         entries
             .filter_map(|e| e.ok())
@@ -71,7 +71,7 @@ impl Workspace {
     }
 
     /// Starts `ferry upload FILES --to TO` with `extra` arguments and `env`.
-    fn start(&self, to: &str, files: &[&Path], extra: &[&str], env: &[(&str, &str)]) -> Run {
+    pub(crate) fn start(&self, to: &str, files: &[&Path], extra: &[&str], env: &[(&str, &str)]) -> Run {
         let n = self.runs();
         let stdout = self.dir.path().join(format!("run-{n}.stdout"));
         let stderr = self.dir.path().join(format!("run-{n}.stderr"));
@@ -105,28 +105,28 @@ impl Workspace {
     }
 
     /// Runs `ferry upload` to its end.
-    async fn upload(&self, to: &str, files: &[&Path], extra: &[&str]) -> Finished {
+    pub(crate) async fn upload(&self, to: &str, files: &[&Path], extra: &[&str]) -> Finished {
         self.start(to, files, extra, &[]).wait().await
     }
 }
 
 /// A running `ferry upload`.
-struct Run {
+pub(crate) struct Run {
     child: Child,
     stdout: PathBuf,
     stderr: PathBuf,
 }
 
 /// A finished one.
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Finished {
+    pub(crate) status: ExitStatus,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Finished {
     /// The lines printed for uploaded files: (url, size, sha256 hex, path).
-    fn uploaded(&self) -> Vec<(String, u64, String, String)> {
+    pub(crate) fn uploaded(&self) -> Vec<(String, u64, String, String)> {
         self.stdout
             .lines()
             .map(|line| {
@@ -138,7 +138,7 @@ impl Finished {
     }
 
     /// The URL printed for `path`.
-    fn url_of(&self, path: &Path) -> String {
+    pub(crate) fn url_of(&self, path: &Path) -> String {
         let uploaded = self.uploaded();
         let line = uploaded.iter().find(|(_, _, _, p)| Path::new(p) == path);
         line.unwrap_or_else(|| panic!("no line for {} in {:?}\nstderr: {}", path.display(), self.stdout, self.stderr))
@@ -146,13 +146,13 @@ impl Finished {
             .clone()
     }
 
-    fn assert_success(&self) {
+    pub(crate) fn assert_success(&self) {
         assert!(self.status.success(), "ferry upload failed ({}):\n{}", self.status, self.stderr);
     }
 }
 
 impl Run {
-    fn stderr_so_far(&self) -> String {
+    pub(crate) fn stderr_so_far(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
@@ -168,7 +168,7 @@ impl Run {
         assert!(status.success(), "kill -{name} failed");
     }
 
-    async fn wait_limit(mut self, limit: Duration) -> Finished {
+    pub(crate) async fn wait_limit(mut self, limit: Duration) -> Finished {
         let status = match tokio::time::timeout(limit, self.child.wait()).await {
             Ok(status) => status.expect("wait for ferry upload"),
             Err(_) => panic!("ferry upload did not finish within {limit:?}; stderr so far:\n{}", self.stderr_so_far()),

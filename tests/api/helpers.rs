@@ -756,7 +756,7 @@ impl Cluster {
     }
 }
 
-fn list_files(root: &std::path::Path, dir: &std::path::Path, found: &mut Vec<String>) {
+pub fn list_files(root: &std::path::Path, dir: &std::path::Path, found: &mut Vec<String>) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.filter_map(|e| e.ok()) {
         let path = entry.path();

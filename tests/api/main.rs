@@ -11,6 +11,7 @@ mod clients;
 mod cluster;
 mod concurrency;
 mod creation;
+mod doctor;
 mod download;
 mod expiration;
 mod limits;

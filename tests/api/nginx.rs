@@ -76,9 +76,11 @@ impl Nginx {
     /// [`proxy_location`] it leaves `Host` at nginx's default, the upstream's name (`ferry_pods`):
     /// past this proxy, only forwarded headers tell which host the client asked for (add
     /// `proxy_set_header Host $http_host;` to keep it). Like ingress-nginx, it leaves `Location`
-    /// headers alone (`proxy_redirect off`): absolute URLs are the upstream's to get right.
+    /// headers alone (`proxy_redirect off`): absolute URLs are the upstream's to get right, and
+    /// it never takes a failed upstream out of rotation for a while (`max_fails=0`), so pods that
+    /// come back are used at once.
     pub fn balance_with(upstreams: &[String], directives: &str) -> Self {
-        let servers: String = upstreams.iter().map(|u| format!("    server {u};\n")).collect();
+        let servers: String = upstreams.iter().map(|u| format!("    server {u} max_fails=0;\n")).collect();
         Self::server(&format!(
             "upstream ferry_pods {{
 {servers}}}
@@ -223,6 +225,11 @@ http {{
     /// `host:port`, for another proxy's `proxy_pass`.
     pub fn authority(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The access log: one line per request, with its status (nginx's `combined` format).
+    pub fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
     }
 
     /// The error log and stderr, for failure messages.

@@ -600,6 +600,24 @@ async fn document_matches_server(backend: Backend) {
     c.send(app.tus(Method::HEAD, &malformed), 404).await;
     c.send(app.client.get(&malformed), 404).await;
 
+    // The probe of `ferry doctor`: reads and discards the body; ferry's own refusals are marked.
+    let probe = format!("{files}probe");
+    let measured = c.send(app.client.post(&probe).body("hello"), 200).await;
+    assert_eq!(header(&measured, "ferry-probe"), "ok");
+    let result: Value = serde_json::from_str(&measured.text().await.unwrap()).unwrap();
+    assert_eq!(result["received"], 5);
+    let limited = TestApp::spawn_with(backend, |args| {
+        args.probe_max_size = 64;
+        args.probe_budget = 64;
+    })
+    .await;
+    let limited_probe = format!("{}probe", limited.files);
+    let over = c.send(limited.client.post(&limited_probe).body(vec![0u8; 65]), 413).await;
+    assert_eq!(header(&over, "ferry-probe"), "limit");
+    c.send(limited.client.post(&limited_probe).body(vec![0u8; 64]), 200).await;
+    let spent = c.send(limited.client.post(&limited_probe).body(vec![0u8; 64]), 429).await;
+    assert_eq!(header(&spent, "ferry-probe"), "budget");
+
     // A CORS preflight, answered before the tus handlers.
     let browser = TestApp::spawn_with(backend, |args| args.cors_origin = vec!["https://app.example".into()]).await;
     let preflight = browser

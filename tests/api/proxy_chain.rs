@@ -3,9 +3,10 @@
 //! 60 s timeouts), into several real `ferry serve` processes on one database and one store, whose
 //! webhooks go to the example app under gunicorn.
 //!
-//! - Real tus clients (tuspy, tus-js-client) take their chunk size from `Upload-Limit` and get a
-//!   256 MiB file through byte for byte; the app hears `upload.completed` for each. The same file
-//!   sent as one request is refused with 413, as in the old days.
+//! - Real tus clients (tuspy, tus-js-client) and `ferry upload` take their chunk size from
+//!   `Upload-Limit` and get a 256 MiB file through byte for byte; the app hears
+//!   `upload.completed` for each. The same file sent as one request is refused with 413, as in the
+//!   old days. `ferry upload` goes on through a restart of the host nginx and of ferry.
 //! - The shipped deployment: `deploy/nginx/ferry.conf` runs as the host nginx (after `nginx -t`),
 //!   the ingress gets what the annotations of `deploy/kubernetes/ingress.yaml` say, and ferry runs
 //!   with the environment of the ConfigMap and Secret.
@@ -27,8 +28,9 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     backend_app::{COMPLETED, PyApp, WEBHOOK_SECRET, until},
+    cli_upload::{Run as CliRun, Workspace as CliWorkspace},
     clients::{require_tusjs, require_tuspy, run_client},
-    helpers::{Cluster, Storage, header, upload_id},
+    helpers::{Cluster, Storage, header, upload_id, wait_for},
     nginx::{Nginx, ProxyChain},
 };
 
@@ -209,6 +211,16 @@ impl World {
         location
     }
 
+    /// Waits until ferry (asked directly) holds at least `offset` bytes of the upload at `url`.
+    async fn wait_offset(&self, url: &str, offset: u64) {
+        let node = &self.cluster.nodes[0];
+        until(&format!("{offset} bytes to arrive"), Duration::from_secs(60), || async {
+            let now = node.offset(url).await;
+            if now >= offset { Ok(()) } else { Err(format!("offset {now}")) }
+        })
+        .await;
+    }
+
     /// The upload at `url` holds exactly the file, through the proxies (HEAD's offset and
     /// `Repr-Digest`, and the SHA-256 of a download), and the app received its `upload.completed`
     /// with the file's size and SHA-256.
@@ -269,11 +281,12 @@ async fn upload_with(program: &str, script: &str, endpoint: &str, file: &TestFil
 // The tests.
 
 /// Two nginx at their defaults in front of two ferry instances (`--max-append-size 1MiB`,
-/// `--behind-proxy`): tuspy and tus-js-client read `Upload-Limit`, send 1 MiB chunks and get
-/// 256 MiB through byte for byte, with absolute URLs of the host nginx; the app hears of each.
-/// The same file as one request (a creation-with-upload POST carrying it all) gets nginx's 413.
+/// `--behind-proxy`): tuspy, tus-js-client and `ferry upload` read `Upload-Limit`, send 1 MiB
+/// chunks and get 256 MiB through byte for byte, with absolute URLs of the host nginx; the app
+/// hears of each. The same file as one request (a creation-with-upload POST carrying it all) gets
+/// nginx's 413, the only one: no client's chunk was refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tus_clients_upload_256_mib_through_two_default_nginx() {
+async fn three_clients_upload_256_mib_through_two_default_nginx() {
     let python = require_tuspy().await;
     let node = require_tusjs().await;
     let file = TestFile::new(BIG, 1);
@@ -309,6 +322,67 @@ async fn tus_clients_upload_256_mib_through_two_default_nginx() {
         assert!(run.url.starts_with(&world.files), "{script}'s upload URL {} is not the host nginx's", run.url);
         world.assert_delivered(&run.url, &file).await;
     }
+
+    // ferry's own client: the chunk size from Upload-Limit, the file's SHA-256 checked against
+    // the server's.
+    let work = CliWorkspace::new();
+    let started = Instant::now();
+    let done = work.upload(&world.files, &[file.path.as_path()], &[]).await;
+    eprintln!("ferry upload: 256 MiB through two nginx in {:?}", started.elapsed());
+    done.assert_success();
+    let (url, size, sha256, _) = done.uploaded().pop().expect("a line for the file");
+    assert_eq!((size, sha256), (file.len, file.sha256_hex()), "what ferry upload printed");
+    assert!(url.starts_with(&world.files), "ferry upload's URL {url} is not the host nginx's");
+    world.assert_delivered(&url, &file).await;
+
+    let refused: Vec<String> =
+        world.chain.host.access_log().lines().filter(|line| line.contains("\" 413 ")).map(String::from).collect();
+    assert_eq!(refused.len(), 1, "only the whole-file POST was too large: {refused:#?}");
+}
+
+/// `ferry upload` through two nginx at their defaults, slowed down so that things can happen
+/// midway: the host nginx dies a quarter of the way in, both ferry instances are killed halfway;
+/// each comes back (on the same address) once the client has noticed. The client retries and
+/// resumes the same upload from the server's offset; the file arrives byte for byte and the app
+/// hears of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ferry_upload_survives_restarts_of_the_host_nginx_and_of_ferry() {
+    let file = TestFile::new(64 * MIB, 3);
+    let mut world = World::start(Proxies::Defaults, &["--max-append-size", "1MiB", "--behind-proxy"], &[]).await;
+    let work = CliWorkspace::new();
+    let args = ["--limit-rate", "8MiB", "--retry-delay", "200ms"];
+    let run = work.start(&world.files, &[file.path.as_path()], &args, &[]);
+    let url = until("ferry upload to remember its upload URL", Duration::from_secs(30), || async {
+        work.remembered_urls().pop().ok_or_else(|| run.stderr_so_far())
+    })
+    .await;
+    assert!(url.starts_with(&world.files), "{url}");
+    let retries = |run: &CliRun| run.stderr_so_far().matches("retrying in").count();
+
+    // The host nginx goes away, and comes back once the client has run into it.
+    world.wait_offset(&url, file.len / 4).await;
+    let before = retries(&run);
+    world.chain.host.stop();
+    wait_for("ferry upload to retry", Duration::from_secs(60), || async { retries(&run) > before }).await;
+    world.chain.host.start();
+
+    // Every ferry instance crashes, and comes back once the client has run into it.
+    world.wait_offset(&url, file.len / 2).await;
+    let before = retries(&run);
+    for node in &mut world.cluster.nodes {
+        node.sigkill().await;
+    }
+    wait_for("ferry upload to retry", Duration::from_secs(60), || async { retries(&run) > before }).await;
+    for index in 0..world.cluster.nodes.len() {
+        world.cluster.restart(index).await;
+    }
+
+    let done = run.wait_limit(Duration::from_secs(180)).await;
+    done.assert_success();
+    eprintln!("ferry upload's notes:\n{}", done.stderr);
+    assert_eq!(done.url_of(&file.path), url, "the same upload went on");
+    assert_eq!(world.upload_count().await, 1, "no upload started over");
+    world.assert_delivered(&url, &file).await;
 }
 
 /// The annotations of `deploy/kubernetes/ingress.yaml` as the nginx directives ingress-nginx

@@ -6,6 +6,7 @@ pub mod error;
 pub mod headers;
 pub mod probe;
 pub mod tus;
+mod web;
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use axum::{
     extract::{MatchedPath, Request, State},
     http::{HeaderValue, Method, StatusCode, header},
     middleware::Next,
-    response::{Html, IntoResponse, Response},
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use tower_http::{
@@ -62,6 +63,7 @@ const EXPOSED_HEADERS: &[&str] = &[
     "www-authenticate",
     "etag",
     "upload-limit",
+    "retry-after",
 ];
 
 /// Request headers a browser client may send.
@@ -97,8 +99,8 @@ pub fn router(state: AppState, cors_origins: &[String], with_metrics: bool) -> R
 
     let mut router = Router::new()
         .merge(tus_routes)
+        .merge(web::routes(&base))
         .merge(probe::routes(&state))
-        .route("/", get(index))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     if with_metrics {
@@ -110,9 +112,35 @@ pub fn router(state: AppState, cors_origins: &[String], with_metrics: bool) -> R
         .with_state(state);
 
     match cors(cors_origins) {
-        Some(layer) => router.layer(layer),
+        Some(layer) => router
+            .layer(axum::middleware::map_request(restore_actual_options))
+            .layer(layer)
+            .layer(axum::middleware::map_request(mark_actual_options)),
         None => router,
     }
+}
+
+/// An OPTIONS request that is not a CORS preflight (a tus client asking what the server
+/// supports), passed through the CORS layer as a GET.
+#[derive(Clone, Copy)]
+struct ActualOptions;
+
+/// tower-http's CORS layer answers every OPTIONS as a preflight, so a cross-origin tus client's
+/// own OPTIONS would never reach the handler and could read none of its headers. Only a request
+/// with `Access-Control-Request-Method` is a preflight; others go through as regular requests.
+async fn mark_actual_options(mut request: Request) -> Request {
+    if request.method() == Method::OPTIONS && !request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
+        *request.method_mut() = Method::GET;
+        request.extensions_mut().insert(ActualOptions);
+    }
+    request
+}
+
+async fn restore_actual_options(mut request: Request) -> Request {
+    if request.extensions_mut().remove::<ActualOptions>().is_some() {
+        *request.method_mut() = Method::OPTIONS;
+    }
+    request
 }
 
 fn cors(origins: &[String]) -> Option<CorsLayer> {
@@ -146,13 +174,6 @@ pub fn method_override<B>(mut request: http::Request<B>) -> http::Request<B> {
         *request.method_mut() = method;
     }
     request
-}
-
-async fn index() -> impl IntoResponse {
-    (
-        [(header::CACHE_CONTROL, "no-cache"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")],
-        Html(include_str!("../../web/index.html")),
-    )
 }
 
 /// Liveness: the process answers.

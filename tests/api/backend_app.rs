@@ -43,7 +43,7 @@ const OLD_WEBHOOK_SECRET: &str = "whsec_YW4tb2xkLXNlY3JldC10aGUtYXBwLW5ldmVyLWtu
 /// A secret nobody configured.
 const STRANGER_SECRET: &str = "whsec_YS1zZWNyZXQtbm9ib2R5LWNvbmZpZ3VyZWQtaGVyZSE=";
 /// The HS256 key of upload tokens: the app's `FERRY_TOKEN_SECRET`, ferry's `--token-secret`.
-const TOKEN_SECRET: &str = "ferry-backend-app-token-secret-0123456789";
+pub(crate) const TOKEN_SECRET: &str = "ferry-backend-app-token-secret-0123456789";
 const APP_SECRET_KEY: &str = "ferry-backend-app-flask-secret-key-0123456789";
 
 const KIB: usize = 1024;
@@ -151,6 +151,8 @@ pub(crate) struct PyApp {
     db: PathBuf,
     log: PathBuf,
     workers: usize,
+    /// Where the page tells browsers to find ferry (`FERRY_URL`), when not the app's default.
+    ferry_url: Option<String>,
     child: Option<tokio::process::Child>,
     /// Follows no redirects (the login's 303 carries the session cookie).
     http: reqwest::Client,
@@ -166,9 +168,20 @@ impl PyApp {
             db: dir.join("app.sqlite3"),
             log: dir.join("gunicorn.log"),
             workers,
+            ferry_url: None,
             child: None,
             http: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
         }
+    }
+
+    /// `http://127.0.0.1:<port>`: the app's origin.
+    pub(crate) fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Tells the app's page where browsers find ferry (before `start`).
+    pub(crate) fn set_ferry_url(&mut self, url: &str) {
+        self.ferry_url = Some(url.to_string());
     }
 
     pub(crate) fn webhook_url(&self) -> String {
@@ -193,6 +206,9 @@ impl PyApp {
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("PYTHONUNBUFFERED", "1")
             .stdin(Stdio::null());
+        if let Some(url) = &self.ferry_url {
+            command.env("FERRY_URL", url);
+        }
     }
 
     /// Starts gunicorn (on the same port every time) and waits until the app answers.

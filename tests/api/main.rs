@@ -5,6 +5,7 @@ mod helpers;
 
 mod access;
 mod backend_app;
+mod browser;
 mod cli_upload;
 mod clients;
 mod cluster;

@@ -384,6 +384,13 @@ async fn document_matches_server(backend: Backend) {
     // The web page and the health check.
     let page = c.send(app.client.get(format!("{}/", app.base)), 200).await;
     assert!(header(&page, "content-type").starts_with("text/html"));
+    c.send(app.client.get(format!("{}/", app.base)).header("If-None-Match", header(&page, "etag")), 304).await;
+    let module = c.send(app.client.get(format!("{}/ferry-upload.js", app.base)), 200).await;
+    c.send(
+        app.client.get(format!("{}/ferry-upload.js", app.base)).header("If-None-Match", header(&module, "etag")),
+        304,
+    )
+    .await;
     let health = c.send(app.client.get(format!("{}/healthz", app.base)), 200).await;
     assert_eq!(health.text().await.unwrap(), "ok\n");
     let ready = c.send(app.client.get(format!("{}/readyz", app.base)), 200).await;

@@ -213,12 +213,36 @@ fn reference_write(dir: &std::path::Path, size: usize, chunk: usize, data: &[u8]
     seconds
 }
 
-/// The S3 reference: the same bytes written straight to the same endpoint as one multipart
-/// upload of 8 MiB parts (what any S3 uploader has to do at least). Returns the whole time and
-/// the time of the store's own `CompleteMultipartUpload`, which ferry's completion cannot beat.
-async fn reference_s3(endpoint: &str, size: usize, data: &[u8]) -> (f64, Duration) {
-    use object_store::{PutPayload, aws::AmazonS3Builder, multipart::MultipartStore, path::Path};
-    let s3 = AmazonS3Builder::new()
+/// The object store reference: the same bytes written straight to the same store as one
+/// multipart upload of 8 MiB parts (what any uploader has to do at least; on Azure, Put Block
+/// calls and one Put Block List). Returns the whole time and the time of the store's own
+/// completion, which ferry's completion cannot beat.
+async fn reference_multipart(
+    store: &dyn object_store::multipart::MultipartStore,
+    size: usize,
+    data: &[u8],
+) -> (f64, Duration) {
+    use object_store::{PutPayload, path::Path};
+    let path = Path::from("reference.bin");
+    let started = Instant::now();
+    let id = store.create_multipart(&path).await.unwrap();
+    let mut parts = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let len = (8 * MIB).min(size - offset);
+        let payload = PutPayload::from(bytes::Bytes::copy_from_slice(&data[..len]));
+        parts.push(store.put_part(&path, &id, parts.len(), payload).await.unwrap());
+        offset += len;
+    }
+    let completing = Instant::now();
+    store.complete_multipart(&path, &id, parts).await.unwrap();
+    let complete = completing.elapsed();
+    (started.elapsed().as_secs_f64(), complete)
+}
+
+/// The S3 client of the bench bucket.
+fn s3_store(endpoint: &str) -> object_store::aws::AmazonS3 {
+    object_store::aws::AmazonS3Builder::new()
         .with_endpoint(endpoint)
         .with_allow_http(true)
         .with_bucket_name("bench")
@@ -226,47 +250,7 @@ async fn reference_s3(endpoint: &str, size: usize, data: &[u8]) -> (f64, Duratio
         .with_access_key_id("bench")
         .with_secret_access_key("bench")
         .build()
-        .unwrap();
-    let path = Path::from("reference.bin");
-    let started = Instant::now();
-    let id = s3.create_multipart(&path).await.unwrap();
-    let mut parts = Vec::new();
-    let mut offset = 0;
-    while offset < size {
-        let len = (8 * MIB).min(size - offset);
-        let payload = PutPayload::from(bytes::Bytes::copy_from_slice(&data[..len]));
-        parts.push(s3.put_part(&path, &id, parts.len(), payload).await.unwrap());
-        offset += len;
-    }
-    let completing = Instant::now();
-    s3.complete_multipart(&path, &id, parts).await.unwrap();
-    let complete = completing.elapsed();
-    (started.elapsed().as_secs_f64(), complete)
-}
-
-/// The Azure reference: the same bytes put straight into Azurite as 8 MiB blocks and committed
-/// with one Put Block List (what any Azure uploader has to do at least). Returns the whole time
-/// and the time of Azurite's own Put Block List, which ferry's completion cannot beat.
-async fn reference_azure(endpoint: &str, size: usize, data: &[u8]) -> (f64, Duration) {
-    use object_store::{ObjectStoreExt, PutPayload, multipart::MultipartStore, path::Path};
-    let azure = azurite::container_store(endpoint, "bench");
-    let path = Path::from("reference.bin");
-    let started = Instant::now();
-    let id = azure.create_multipart(&path).await.unwrap();
-    let mut blocks = Vec::new();
-    let mut offset = 0;
-    while offset < size {
-        let len = (8 * MIB).min(size - offset);
-        let payload = PutPayload::from(bytes::Bytes::copy_from_slice(&data[..len]));
-        blocks.push(azure.put_part(&path, &id, blocks.len(), payload).await.unwrap());
-        offset += len;
-    }
-    let committing = Instant::now();
-    azure.complete_multipart(&path, &id, blocks).await.unwrap();
-    let commit = committing.elapsed();
-    let seconds = started.elapsed().as_secs_f64();
-    azure.delete(&path).await.unwrap();
-    (seconds, commit)
+        .unwrap()
 }
 
 #[tokio::main]
@@ -353,11 +337,12 @@ async fn rows(
             let (reference, store_complete) = match &server.backing {
                 Backing::Disk => (reference_write(scratch, size, chunk, data), None),
                 Backing::S3(endpoint) => {
-                    let (seconds, complete) = reference_s3(endpoint, size, data).await;
+                    let (seconds, complete) = reference_multipart(&s3_store(endpoint), size, data).await;
                     (seconds, Some(complete))
                 }
                 Backing::Azure(endpoint) => {
-                    let (seconds, commit) = reference_azure(endpoint, size, data).await;
+                    let (seconds, commit) =
+                        reference_multipart(&azurite::container_store(endpoint, "bench"), size, data).await;
                     (seconds, Some(commit))
                 }
             };

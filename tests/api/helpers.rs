@@ -456,27 +456,12 @@ impl S3Bucket {
 
     /// Every object in the bucket: key and size, sorted by key.
     pub async fn objects(&self) -> Vec<(String, u64)> {
-        use futures_util::TryStreamExt;
-        use object_store::ObjectStore;
-        let mut objects: Vec<(String, u64)> = self
-            .store
-            .list(None)
-            .map_ok(|meta| (meta.location.to_string(), meta.size))
-            .try_collect()
-            .await
-            .unwrap_or_else(|e| panic!("listing bucket {}: {e}", self.name));
-        objects.sort();
-        objects
+        list_objects(&self.store, &format!("bucket {}", self.name)).await
     }
 
     /// An object's bytes, or None when there is no such object.
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
-        use object_store::ObjectStoreExt;
-        match self.store.get(&object_store::path::Path::from(key)).await {
-            Ok(result) => Some(result.bytes().await.expect("reading an object").to_vec()),
-            Err(object_store::Error::NotFound { .. }) => None,
-            Err(e) => panic!("GET {key} from bucket {}: {e}", self.name),
-        }
+        get_object(&self.store, key, &format!("bucket {}", self.name)).await
     }
 
     /// Multipart uploads begun and neither completed nor aborted: (key, upload id), sorted.
@@ -506,12 +491,11 @@ impl S3Bucket {
     /// `multipart <key> (<n> parts)` for unfinished multipart uploads. Keys are shown without
     /// the `ferry/` prefix.
     pub async fn inventory(&self) -> Vec<String> {
-        let strip = |key: &str| key.strip_prefix(&format!("{S3_PREFIX}/")).unwrap_or(key).to_string();
         let mut lines: Vec<String> =
-            self.objects().await.into_iter().map(|(key, size)| format!("{} ({size})", strip(&key))).collect();
+            self.objects().await.into_iter().map(|(key, size)| format!("{} ({size})", strip_prefix(&key))).collect();
         for (key, id) in self.multipart_uploads().await {
             let parts = self.part_count(&key, &id).await;
-            lines.push(format!("multipart {} ({parts} parts)", strip(&key)));
+            lines.push(format!("multipart {} ({parts} parts)", strip_prefix(&key)));
         }
         lines
     }
@@ -540,6 +524,34 @@ impl Drop for S3Bucket {
         })
         .join();
     }
+}
+
+/// Every object a test's store holds (`what` names it in failures): key and size, sorted by key.
+async fn list_objects(store: &dyn object_store::ObjectStore, what: &str) -> Vec<(String, u64)> {
+    use futures_util::TryStreamExt;
+    let mut objects: Vec<(String, u64)> = store
+        .list(None)
+        .map_ok(|meta| (meta.location.to_string(), meta.size))
+        .try_collect()
+        .await
+        .unwrap_or_else(|e| panic!("listing {what}: {e}"));
+    objects.sort();
+    objects
+}
+
+/// An object's bytes, or None when there is no such object.
+async fn get_object(store: &dyn object_store::ObjectStore, key: &str, what: &str) -> Option<Vec<u8>> {
+    use object_store::ObjectStoreExt;
+    match store.get(&object_store::path::Path::from(key)).await {
+        Ok(result) => Some(result.bytes().await.expect("reading an object").to_vec()),
+        Err(object_store::Error::NotFound { .. }) => None,
+        Err(e) => panic!("GET {key} from {what}: {e}"),
+    }
+}
+
+/// A key as the inventories show it: without the `ferry/` prefix.
+fn strip_prefix(key: &str) -> String {
+    key.strip_prefix(&format!("{S3_PREFIX}/")).unwrap_or(key).to_string()
 }
 
 /// The text of every `<tag>...</tag>` element, in order (enough for S3's listings).
@@ -608,27 +620,12 @@ impl AzureContainer {
 
     /// Every committed blob: name and size, sorted by name.
     pub async fn objects(&self) -> Vec<(String, u64)> {
-        use futures_util::TryStreamExt;
-        use object_store::ObjectStore;
-        let mut objects: Vec<(String, u64)> = self
-            .store
-            .list(None)
-            .map_ok(|meta| (meta.location.to_string(), meta.size))
-            .try_collect()
-            .await
-            .unwrap_or_else(|e| panic!("listing container {}: {e}", self.name));
-        objects.sort();
-        objects
+        list_objects(&self.store, &format!("container {}", self.name)).await
     }
 
     /// A blob's bytes, or None when there is no such (committed) blob.
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
-        use object_store::ObjectStoreExt;
-        match self.store.get(&object_store::path::Path::from(key)).await {
-            Ok(result) => Some(result.bytes().await.expect("reading a blob").to_vec()),
-            Err(object_store::Error::NotFound { .. }) => None,
-            Err(e) => panic!("GET {key} from container {}: {e}", self.name),
-        }
+        get_object(&self.store, key, &format!("container {}", self.name)).await
     }
 
     /// Puts one block (uncommitted) on the blob `key`.
@@ -677,11 +674,10 @@ impl AzureContainer {
     /// `blocks <key> (<n> uncommitted)` for uncommitted blocks. Keys are shown without the
     /// `ferry/` prefix.
     pub async fn inventory(&self) -> Vec<String> {
-        let strip = |key: &str| key.strip_prefix(&format!("{S3_PREFIX}/")).unwrap_or(key).to_string();
         let mut lines: Vec<String> =
-            self.objects().await.into_iter().map(|(key, size)| format!("{} ({size})", strip(&key))).collect();
+            self.objects().await.into_iter().map(|(key, size)| format!("{} ({size})", strip_prefix(&key))).collect();
         for (key, blocks) in self.uncommitted_blocks().await {
-            lines.push(format!("blocks {} ({blocks} uncommitted)", strip(&key)));
+            lines.push(format!("blocks {} ({blocks} uncommitted)", strip_prefix(&key)));
         }
         lines
     }

@@ -11,6 +11,14 @@
 //! same uploads run against an S3 store too, and each S3 row adds the time from the last PATCH's
 //! answer to the upload being downloadable (the multipart completion; it must not grow with the
 //! file). `FERRY_BENCH_SIZES` (MiB, comma-separated; default `64,1024`) sets the file sizes.
+//!
+//! With Azurite installed (in `tests/azurite`, where `tests/run` installs it, or `azurite-blob` on
+//! the PATH), the same again on an Azure store: throughput against a plain Put Block / Put Block
+//! List upload of the same bytes, and the completion time against Azurite's own Put Block List
+//! of as many blocks.
+
+#[path = "../tests/api/azurite.rs"]
+mod azurite;
 
 use std::{
     io::Write,
@@ -20,11 +28,20 @@ use std::{
 
 const MIB: usize = 1 << 20;
 
+/// Where a server keeps upload bytes.
+#[derive(Clone)]
+enum Backing {
+    Disk,
+    /// The S3 endpoint and its bucket `bench`.
+    S3(String),
+    /// The Azurite endpoint and its container `bench`.
+    Azure(String),
+}
+
 struct Server {
     child: Child,
     base: String,
-    /// The S3 endpoint the server stores into, if any.
-    s3: Option<String>,
+    backing: Backing,
     _dir: tempfile::TempDir,
 }
 
@@ -47,8 +64,8 @@ fn wait_for_port(port: u16, what: &str) {
     }
 }
 
-/// Starts ferry on local disk, or on the S3 endpoint `s3` (with its bucket `bench`).
-fn start_server(s3: Option<&str>) -> Server {
+/// Starts ferry on local disk, or on an object store.
+fn start_server(backing: &Backing) -> Server {
     let dir = tempfile::tempdir_in(std::env::var("FERRY_BENCH_DIR").unwrap_or_else(|_| "target".into())).unwrap();
     let port = free_port();
     let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
@@ -57,18 +74,27 @@ fn start_server(s3: Option<&str>) -> Server {
         .arg(dir.path())
         .env("FERRY_LOG", "warn")
         .stdout(Stdio::null());
-    if let Some(endpoint) = s3 {
-        command
-            .args(["--store", "s3://bench/ferry"])
-            .env("AWS_ENDPOINT", endpoint)
-            .env("AWS_ALLOW_HTTP", "true")
-            .env("AWS_ACCESS_KEY_ID", "bench")
-            .env("AWS_SECRET_ACCESS_KEY", "bench")
-            .env("AWS_REGION", "us-east-1");
+    match backing {
+        Backing::Disk => {}
+        Backing::S3(endpoint) => {
+            command
+                .args(["--store", "s3://bench/ferry"])
+                .env("AWS_ENDPOINT", endpoint)
+                .env("AWS_ALLOW_HTTP", "true")
+                .env("AWS_ACCESS_KEY_ID", "bench")
+                .env("AWS_SECRET_ACCESS_KEY", "bench")
+                .env("AWS_REGION", "us-east-1");
+        }
+        Backing::Azure(endpoint) => {
+            command.args(["--store", "az://bench/ferry"]);
+            for (key, value) in azurite::store_options(endpoint) {
+                command.arg("--store-option").arg(format!("{key}={value}"));
+            }
+        }
     }
     let child = command.spawn().expect("start ferry");
     wait_for_port(port, "ferry");
-    Server { child, base: format!("http://127.0.0.1:{port}"), s3: s3.map(str::to_string), _dir: dir }
+    Server { child, base: format!("http://127.0.0.1:{port}"), backing: backing.clone(), _dir: dir }
 }
 
 /// moto_server, a real S3 API, from the PATH or tests/clients/.venv.
@@ -83,6 +109,23 @@ fn start_moto() -> Option<(Child, String)> {
         .spawn()
         .ok()?;
     wait_for_port(port, "moto_server");
+    Some((child, format!("http://127.0.0.1:{port}")))
+}
+
+/// Azurite's Blob service (from tests/azurite or the PATH), keeping its data in `dir`.
+fn start_azurite(dir: &std::path::Path) -> Option<(Child, String)> {
+    let local = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/azurite/node_modules/.bin/azurite-blob");
+    let program = if std::path::Path::new(local).exists() { local.to_string() } else { "azurite-blob".to_string() };
+    let port = free_port();
+    let child = Command::new(program)
+        .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string(), "--location"])
+        .arg(dir)
+        .args(["--silent", "--disableTelemetry", "--skipApiVersionCheck"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    wait_for_port(port, "Azurite");
     Some((child, format!("http://127.0.0.1:{port}")))
 }
 
@@ -170,12 +213,36 @@ fn reference_write(dir: &std::path::Path, size: usize, chunk: usize, data: &[u8]
     seconds
 }
 
-/// The S3 reference: the same bytes written straight to the same endpoint as one multipart
-/// upload of 8 MiB parts (what any S3 uploader has to do at least). Returns the whole time and
-/// the time of the store's own `CompleteMultipartUpload`, which ferry's completion cannot beat.
-async fn reference_s3(endpoint: &str, size: usize, data: &[u8]) -> (f64, Duration) {
-    use object_store::{PutPayload, aws::AmazonS3Builder, multipart::MultipartStore, path::Path};
-    let s3 = AmazonS3Builder::new()
+/// The object store reference: the same bytes written straight to the same store as one
+/// multipart upload of 8 MiB parts (what any uploader has to do at least; on Azure, Put Block
+/// calls and one Put Block List). Returns the whole time and the time of the store's own
+/// completion, which ferry's completion cannot beat.
+async fn reference_multipart(
+    store: &dyn object_store::multipart::MultipartStore,
+    size: usize,
+    data: &[u8],
+) -> (f64, Duration) {
+    use object_store::{PutPayload, path::Path};
+    let path = Path::from("reference.bin");
+    let started = Instant::now();
+    let id = store.create_multipart(&path).await.unwrap();
+    let mut parts = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let len = (8 * MIB).min(size - offset);
+        let payload = PutPayload::from(bytes::Bytes::copy_from_slice(&data[..len]));
+        parts.push(store.put_part(&path, &id, parts.len(), payload).await.unwrap());
+        offset += len;
+    }
+    let completing = Instant::now();
+    store.complete_multipart(&path, &id, parts).await.unwrap();
+    let complete = completing.elapsed();
+    (started.elapsed().as_secs_f64(), complete)
+}
+
+/// The S3 client of the bench bucket.
+fn s3_store(endpoint: &str) -> object_store::aws::AmazonS3 {
+    object_store::aws::AmazonS3Builder::new()
         .with_endpoint(endpoint)
         .with_allow_http(true)
         .with_bucket_name("bench")
@@ -183,22 +250,7 @@ async fn reference_s3(endpoint: &str, size: usize, data: &[u8]) -> (f64, Duratio
         .with_access_key_id("bench")
         .with_secret_access_key("bench")
         .build()
-        .unwrap();
-    let path = Path::from("reference.bin");
-    let started = Instant::now();
-    let id = s3.create_multipart(&path).await.unwrap();
-    let mut parts = Vec::new();
-    let mut offset = 0;
-    while offset < size {
-        let len = (8 * MIB).min(size - offset);
-        let payload = PutPayload::from(bytes::Bytes::copy_from_slice(&data[..len]));
-        parts.push(s3.put_part(&path, &id, parts.len(), payload).await.unwrap());
-        offset += len;
-    }
-    let completing = Instant::now();
-    s3.complete_multipart(&path, &id, parts).await.unwrap();
-    let complete = completing.elapsed();
-    (started.elapsed().as_secs_f64(), complete)
+        .unwrap()
 }
 
 #[tokio::main]
@@ -216,7 +268,7 @@ async fn main() {
     let client = reqwest::Client::new();
     let scratch = tempfile::tempdir_in("target").unwrap();
     println!(
-        "{:>6} {:>8} {:>6} {:>10} {:>10} {:>6} {:>11} {:>11} {:>10} {:>11}",
+        "{:>6} {:>8} {:>6} {:>10} {:>10} {:>6} {:>11} {:>11} {:>10} {:>11} {:>11} {:>6}",
         "store",
         "file",
         "chunk",
@@ -226,10 +278,12 @@ async fn main() {
         "first PATCH",
         "last PATCH",
         "last/first",
-        "completion"
+        "completion",
+        "store's own",
+        "ratio"
     );
 
-    let server = start_server(None);
+    let server = start_server(&Backing::Disk);
     let baseline_rss = peak_rss(server.child.id());
     rows(&client, &server, "disk", &sizes, &data, scratch.path()).await;
     let peak = peak_rss(server.child.id());
@@ -239,13 +293,26 @@ async fn main() {
         Some((mut moto, endpoint)) => {
             let created = client.put(format!("{endpoint}/bench")).send().await.unwrap();
             assert!(created.status().is_success(), "could not create the bench bucket");
-            let server = start_server(Some(&endpoint));
+            let server = start_server(&Backing::S3(endpoint));
             rows(&client, &server, "s3", &sizes, &data, scratch.path()).await;
             drop(server);
             let _ = moto.kill();
             let _ = moto.wait();
         }
         None => println!("(no S3 rows: moto_server is not installed; `bash tests/run` installs it)"),
+    }
+
+    let azurite_data = tempfile::tempdir_in("target").unwrap();
+    match start_azurite(azurite_data.path()) {
+        Some((mut azurite, endpoint)) => {
+            azurite::create_container(&client, &endpoint, "bench").await;
+            let server = start_server(&Backing::Azure(endpoint));
+            rows(&client, &server, "azure", &sizes, &data, scratch.path()).await;
+            drop(server);
+            let _ = azurite.kill();
+            let _ = azurite.wait();
+        }
+        None => println!("(no Azure rows: Azurite is not installed; `bash tests/run` installs it)"),
     }
     println!(
         "disk server peak RSS: {:.1} MiB at start, {:.1} MiB after all uploads; growth / largest chunk (8 MiB) = {:.2}",
@@ -267,11 +334,16 @@ async fn rows(
         for chunk_mib in [1usize, 8] {
             let (size, chunk) = (size_mib * MIB, chunk_mib * MIB);
             let run = upload(client, &server.base, size, chunk, data).await;
-            let (reference, store_complete) = match &server.s3 {
-                None => (reference_write(scratch, size, chunk, data), None),
-                Some(endpoint) => {
-                    let (seconds, complete) = reference_s3(endpoint, size, data).await;
+            let (reference, store_complete) = match &server.backing {
+                Backing::Disk => (reference_write(scratch, size, chunk, data), None),
+                Backing::S3(endpoint) => {
+                    let (seconds, complete) = reference_multipart(&s3_store(endpoint), size, data).await;
                     (seconds, Some(complete))
+                }
+                Backing::Azure(endpoint) => {
+                    let (seconds, commit) =
+                        reference_multipart(&azurite::container_store(endpoint, "bench"), size, data).await;
+                    (seconds, Some(commit))
                 }
             };
             let rate = |s: f64| size as f64 / MIB as f64 / s;

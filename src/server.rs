@@ -48,6 +48,9 @@ impl App {
             ObjectStoreOptions { part_size: args.part_size, config: args.store_options.clone() },
         )
         .context("could not open the store")?;
+        if args.download == crate::config::DownloadMode::Redirect {
+            check_presigning(store.as_ref()).await?;
+        }
         let settings = Settings {
             max_size: args.max_size,
             expire_after: args.expire_after,
@@ -95,6 +98,21 @@ impl App {
         let metrics_router = http::metrics_router(state);
         Ok(Self { uploads, router, metrics_router })
     }
+}
+
+/// `--download redirect` answers with presigned URLs: make sure at start that the store can make
+/// them with its credentials (an Azure SAS token cannot sign, for one), rather than failing
+/// every download.
+async fn check_presigning(store: &dyn Store) -> anyhow::Result<()> {
+    let probe = crate::uploads::types::UploadId::new();
+    store.presign(probe, &Default::default(), crate::uploads::PRESIGNED_URL_TTL).await.map(|_| ()).map_err(|e| {
+        anyhow::anyhow!(
+            "--download redirect needs presigned URLs, and the store cannot make them with the credentials \
+             it has ({e}); give it credentials that can sign (S3: an access key; GCS: a service account; \
+             Azure: an account key, or an Entra ID identity allowed to get a user delegation key), or use \
+             --download stream"
+        )
+    })
 }
 
 /// Connects to the configured database (creating the data folder for the SQLite default) and

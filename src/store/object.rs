@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use object_store::{
-    ObjectStore, ObjectStoreExt, PutPayload,
+    MultipartId, ObjectStore, ObjectStoreExt, PutPayload,
     aws::AmazonS3Builder,
     azure::MicrosoftAzureBuilder,
     gcp::GoogleCloudStorageBuilder,
@@ -51,7 +51,16 @@ impl Default for ObjectStoreOptions {
     }
 }
 
+/// Which object store: they differ in how an unfinished multipart upload is dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    S3,
+    Gcs,
+    Azure,
+}
+
 pub struct ObjectBackend {
+    kind: Kind,
     store: Arc<dyn ObjectStore>,
     multipart: Arc<dyn MultipartStore>,
     signer: Arc<dyn Signer>,
@@ -98,12 +107,17 @@ impl ObjectBackend {
                 }
                 other => anyhow::bail!("unsupported store scheme '{other}' (use s3://, gs://, az:// or a folder)"),
             };
+        let kind = match parsed.scheme() {
+            "gs" => Kind::Gcs,
+            "az" | "azure" => Kind::Azure,
+            _ => Kind::S3,
+        };
         let description = match prefix.as_str() {
             "" => format!("{}://{bucket}", parsed.scheme()),
             p => format!("{}://{bucket}/{p}", parsed.scheme()),
         };
         let part_size = options.part_size.max(MIN_PART_SIZE);
-        Ok(Self { store, multipart, signer, prefix, description, part_size })
+        Ok(Self { kind, store, multipart, signer, prefix, description, part_size })
     }
 
     fn key(&self, relative: &str) -> Path {
@@ -112,6 +126,16 @@ impl ObjectBackend {
 
     fn upload_path(&self, id: UploadId, upload: &StoreUpload) -> Path {
         self.key(upload.object_path(id).as_ref())
+    }
+
+    /// Drops the parts of an unfinished multipart upload. Azure has no abort (object_store's is a
+    /// no-op and the uncommitted blocks would stay for a week): committing an empty block list
+    /// discards every uncommitted block of the blob, and leaves an empty blob to delete.
+    async fn drop_parts(&self, path: &Path, multipart_id: &MultipartId) -> object_store::Result<()> {
+        match self.kind {
+            Kind::Azure => self.multipart.complete_multipart(path, multipart_id, Vec::new()).await.map(|_| ()),
+            Kind::S3 | Kind::Gcs => self.multipart.abort_multipart(path, multipart_id).await,
+        }
     }
 
     /// The part size for an upload of at most `max_length` bytes: the configured size, raised
@@ -215,7 +239,7 @@ impl Store for ObjectBackend {
     async fn delete(&self, id: UploadId, upload: &StoreUpload, staged: &[Staged]) -> Result<()> {
         let path = self.upload_path(id, upload);
         if let Some(multipart_id) = &upload.multipart_id
-            && let Err(e) = self.multipart.abort_multipart(&path, multipart_id).await
+            && let Err(e) = self.drop_parts(&path, multipart_id).await
         {
             // Aborting a completed or already aborted upload fails; what matters is that no
             // parts stay behind, which a later abort or the bucket's lifecycle rule handles.

@@ -24,7 +24,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::helpers::{Cluster, Node, Storage, header, random_bytes, upload_id, wait_for};
+use crate::helpers::{Cluster, Node, Storage, assert_same_bytes, header, random_bytes, upload_id, wait_for};
 
 const MIB: usize = 1 << 20;
 
@@ -161,7 +161,7 @@ async fn raw_patch_answer(node: &Node, url: &str, offset: u64, body: &[u8]) -> O
 /// Waits (30 s at most, with a sweep every second) until the store holds the objects of these
 /// completed uploads, of the given sizes, and nothing else: no staged chunks, no unfinished
 /// multipart uploads; on local disk, the uploads' lock files may stay.
-async fn store_holds_only(cluster: &Cluster, uploads: &[(String, usize)]) {
+pub(crate) async fn store_holds_only(cluster: &Cluster, uploads: &[(String, usize)]) {
     let wanted: Vec<String> = uploads.iter().map(|(url, len)| format!("uploads/{} ({len})", upload_id(url))).collect();
     let allowed = |line: &String| {
         wanted.contains(line)
@@ -191,8 +191,9 @@ async fn wait_for_append(cluster: &Cluster, url: &str, since: i64) {
 
 /// A client alternates between two instances chunk by chunk, with chunks below the store's
 /// minimum part size (1 MiB) and at the default part size (8 MiB). Instance B serves downloads
-/// with `--download redirect`: on S3 a redirect to a presigned URL of the object.
-async fn alternating_chunks(storage: Storage) {
+/// with `--download redirect`: on S3 a redirect to a presigned URL of the object, on Azure to a
+/// SAS URL of the blob.
+pub(crate) async fn alternating_chunks(storage: Storage) {
     let cluster = Cluster::start_nodes(storage, &[&[], &["--download", "redirect"]]).await;
     let len = 24 * MIB + 333_333;
     for (chunk, seed) in [(MIB, 1), (8 * MIB, 2)] {
@@ -225,6 +226,21 @@ async fn alternating_chunks(storage: Storage) {
                 let location = header(&response, "location");
                 let endpoint = cluster.bucket.as_ref().unwrap().endpoint.clone();
                 assert!(location.starts_with(&endpoint), "redirected to {location}, not to the S3 endpoint {endpoint}");
+            }
+            Storage::Azure => {
+                assert_eq!(response.status(), 302, "GET through B (--download redirect)");
+                let location = header(&response, "location");
+                let endpoint = cluster.container.as_ref().unwrap().endpoint.clone();
+                assert!(location.starts_with(&endpoint), "redirected to {location}, not to Azurite at {endpoint}");
+                let signed =
+                    plain.get(&location).header("Range", "bytes=100-199").send().await.expect("GET the SAS URL");
+                assert_eq!(
+                    signed.status(),
+                    206,
+                    "a range through the SAS URL: {}",
+                    signed.text().await.unwrap_or_default()
+                );
+                assert_same_bytes("a range through the SAS URL", &signed.bytes().await.unwrap(), &data[100..200]);
             }
             // A local store has no URL of its own: ferry streams.
             Storage::Local => assert_eq!(response.status(), 200, "GET through B (--download redirect)"),
@@ -267,7 +283,7 @@ async fn concurrent_appends_one_wins(storage: Storage) {
 /// A client's connection to instance A dies mid-PATCH, once left hanging (the server cannot tell)
 /// and once closed. The client resumes through instance B at once: HEAD and the next PATCH succeed
 /// within 2 seconds, and what A received is kept whole or dropped whole, never half-counted.
-async fn dropped_connection_resumes_elsewhere(storage: Storage) {
+pub(crate) async fn dropped_connection_resumes_elsewhere(storage: Storage) {
     let cluster = Cluster::start(storage, 2, &[]).await;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let len = 3 * MIB + 5555;
@@ -338,7 +354,7 @@ async fn dropped_connection_resumes_elsewhere(storage: Storage) {
 /// through the other instance. One upload completes byte-exact, the other is terminated; once the
 /// sweeper has run, the store holds the completed upload's object and nothing else: no staged
 /// chunks, no unfinished multipart uploads, nothing of the terminated upload.
-async fn sigkill_mid_patch(storage: Storage) {
+pub(crate) async fn sigkill_mid_patch(storage: Storage) {
     let mut cluster = Cluster::start(storage, 2, &[]).await;
     let len = 14 * MIB + 77;
     let kept = random_bytes(len, 30);

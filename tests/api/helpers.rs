@@ -8,6 +8,8 @@ use reqwest::{Method, RequestBuilder, Response};
 use sha2::{Digest, Sha256};
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
+use crate::azurite;
+
 /// Generates one `#[tokio::test]` per backend for each listed `async fn name(backend: Backend)`.
 #[macro_export]
 macro_rules! backend_tests {
@@ -454,27 +456,12 @@ impl S3Bucket {
 
     /// Every object in the bucket: key and size, sorted by key.
     pub async fn objects(&self) -> Vec<(String, u64)> {
-        use futures_util::TryStreamExt;
-        use object_store::ObjectStore;
-        let mut objects: Vec<(String, u64)> = self
-            .store
-            .list(None)
-            .map_ok(|meta| (meta.location.to_string(), meta.size))
-            .try_collect()
-            .await
-            .unwrap_or_else(|e| panic!("listing bucket {}: {e}", self.name));
-        objects.sort();
-        objects
+        list_objects(&self.store, &format!("bucket {}", self.name)).await
     }
 
     /// An object's bytes, or None when there is no such object.
     pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
-        use object_store::ObjectStoreExt;
-        match self.store.get(&object_store::path::Path::from(key)).await {
-            Ok(result) => Some(result.bytes().await.expect("reading an object").to_vec()),
-            Err(object_store::Error::NotFound { .. }) => None,
-            Err(e) => panic!("GET {key} from bucket {}: {e}", self.name),
-        }
+        get_object(&self.store, key, &format!("bucket {}", self.name)).await
     }
 
     /// Multipart uploads begun and neither completed nor aborted: (key, upload id), sorted.
@@ -504,12 +491,11 @@ impl S3Bucket {
     /// `multipart <key> (<n> parts)` for unfinished multipart uploads. Keys are shown without
     /// the `ferry/` prefix.
     pub async fn inventory(&self) -> Vec<String> {
-        let strip = |key: &str| key.strip_prefix(&format!("{S3_PREFIX}/")).unwrap_or(key).to_string();
         let mut lines: Vec<String> =
-            self.objects().await.into_iter().map(|(key, size)| format!("{} ({size})", strip(&key))).collect();
+            self.objects().await.into_iter().map(|(key, size)| format!("{} ({size})", strip_prefix(&key))).collect();
         for (key, id) in self.multipart_uploads().await {
             let parts = self.part_count(&key, &id).await;
-            lines.push(format!("multipart {} ({parts} parts)", strip(&key)));
+            lines.push(format!("multipart {} ({parts} parts)", strip_prefix(&key)));
         }
         lines
     }
@@ -540,6 +526,34 @@ impl Drop for S3Bucket {
     }
 }
 
+/// Every object a test's store holds (`what` names it in failures): key and size, sorted by key.
+async fn list_objects(store: &dyn object_store::ObjectStore, what: &str) -> Vec<(String, u64)> {
+    use futures_util::TryStreamExt;
+    let mut objects: Vec<(String, u64)> = store
+        .list(None)
+        .map_ok(|meta| (meta.location.to_string(), meta.size))
+        .try_collect()
+        .await
+        .unwrap_or_else(|e| panic!("listing {what}: {e}"));
+    objects.sort();
+    objects
+}
+
+/// An object's bytes, or None when there is no such object.
+async fn get_object(store: &dyn object_store::ObjectStore, key: &str, what: &str) -> Option<Vec<u8>> {
+    use object_store::ObjectStoreExt;
+    match store.get(&object_store::path::Path::from(key)).await {
+        Ok(result) => Some(result.bytes().await.expect("reading an object").to_vec()),
+        Err(object_store::Error::NotFound { .. }) => None,
+        Err(e) => panic!("GET {key} from {what}: {e}"),
+    }
+}
+
+/// A key as the inventories show it: without the `ferry/` prefix.
+fn strip_prefix(key: &str) -> String {
+    key.strip_prefix(&format!("{S3_PREFIX}/")).unwrap_or(key).to_string()
+}
+
 /// The text of every `<tag>...</tag>` element, in order (enough for S3's listings).
 fn xml_values(xml: &str, tag: &str) -> Vec<String> {
     let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
@@ -555,6 +569,134 @@ fn xml_values(xml: &str, tag: &str) -> Vec<String> {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Azure Blob Storage for the tests: Azurite (started by tests/run), a fresh container per test.
+
+/// Where the Azure tests find Azurite's Blob service: `http://127.0.0.1:PORT`.
+pub const AZURE_ENDPOINT_VAR: &str = "FERRY_TEST_AZURE_ENDPOINT";
+
+/// The Azurite endpoint the tests use. The Azure tests fail (never skip) without one.
+pub fn azure_endpoint() -> String {
+    match std::env::var(AZURE_ENDPOINT_VAR) {
+        Ok(value) if !value.trim().is_empty() => value.trim().trim_end_matches('/').to_string(),
+        _ => panic!(
+            "{AZURE_ENDPOINT_VAR} is not set, and the Azure tests need Azurite: run tests/run, which starts \
+             it and sets it (or start `tests/azurite/node_modules/.bin/azurite-blob --blobPort PORT \
+             --location DIR` yourself and export {AZURE_ENDPOINT_VAR}=http://127.0.0.1:PORT)"
+        ),
+    }
+}
+
+/// One test's own container on Azurite; removed with everything in it when dropped.
+pub struct AzureContainer {
+    pub endpoint: String,
+    pub name: String,
+    store: object_store::azure::MicrosoftAzure,
+    http: reqwest::Client,
+}
+
+impl AzureContainer {
+    /// Creates a new, empty container.
+    pub async fn create() -> Self {
+        let endpoint = azure_endpoint();
+        let name = format!("ferry-test-{}", uuid::Uuid::new_v4().simple());
+        let http = reqwest::Client::new();
+        azurite::create_container(&http, &endpoint, &name).await;
+        let store = azurite::container_store(&endpoint, &name);
+        Self { endpoint, name, store, http }
+    }
+
+    /// The `--store` URL for ferry.
+    pub fn store_url(&self) -> String {
+        format!("az://{}/{S3_PREFIX}", self.name)
+    }
+
+    /// ferry's `--store-option` arguments for this container.
+    pub fn args(&self) -> Vec<String> {
+        azurite::store_options(&self.endpoint)
+            .into_iter()
+            .flat_map(|(key, value)| ["--store-option".to_string(), format!("{key}={value}")])
+            .collect()
+    }
+
+    /// Every committed blob: name and size, sorted by name.
+    pub async fn objects(&self) -> Vec<(String, u64)> {
+        list_objects(&self.store, &format!("container {}", self.name)).await
+    }
+
+    /// A blob's bytes, or None when there is no such (committed) blob.
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        get_object(&self.store, key, &format!("container {}", self.name)).await
+    }
+
+    /// Puts one block (uncommitted) on the blob `key`.
+    pub async fn put_block(&self, key: &str) {
+        use object_store::multipart::MultipartStore;
+        let path = object_store::path::Path::from(key);
+        let payload = object_store::PutPayload::from_static(b"block");
+        self.store.put_part(&path, &String::new(), 0, payload).await.expect("Put Block");
+    }
+
+    /// Blobs holding uncommitted blocks (the parts of unfinished multipart uploads, which
+    /// object_store cannot list): name and number of blocks, sorted.
+    pub async fn uncommitted_blocks(&self) -> Vec<(String, usize)> {
+        let list = format!("/{}?restype=container&comp=list&include=uncommittedblobs", self.name);
+        let names = xml_values(&self.rest_xml(&list).await.expect("the container"), "Name");
+        let mut found = Vec::new();
+        for name in names {
+            let blocks = format!("/{}/{name}?comp=blocklist&blocklisttype=uncommitted", self.name);
+            // Gone since the listing: nothing to count.
+            let Some(xml) = self.rest_xml(&blocks).await else { continue };
+            let uncommitted = xml.split("<UncommittedBlocks>").nth(1).unwrap_or_default();
+            let count = xml_values(uncommitted, "Name").len();
+            if count > 0 {
+                found.push((name, count));
+            }
+        }
+        found.sort();
+        found
+    }
+
+    /// A GET's XML answer, or None when Azurite answers 404.
+    async fn rest_xml(&self, path_and_query: &str) -> Option<String> {
+        let response = azurite::send(&self.http, &self.endpoint, Method::GET, path_and_query)
+            .await
+            .unwrap_or_else(|e| panic!("GET {path_and_query} from Azurite: {e}"));
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        if status == 404 {
+            return None;
+        }
+        assert!(status.is_success(), "GET {path_and_query} from Azurite: {status}: {body}");
+        Some(body)
+    }
+
+    /// Everything the container holds, one line each: `<key> (<size>)` for blobs and
+    /// `blocks <key> (<n> uncommitted)` for uncommitted blocks. Keys are shown without the
+    /// `ferry/` prefix.
+    pub async fn inventory(&self) -> Vec<String> {
+        let mut lines: Vec<String> =
+            self.objects().await.into_iter().map(|(key, size)| format!("{} ({size})", strip_prefix(&key))).collect();
+        for (key, blocks) in self.uncommitted_blocks().await {
+            lines.push(format!("blocks {} ({blocks} uncommitted)", strip_prefix(&key)));
+        }
+        lines
+    }
+}
+
+impl Drop for AzureContainer {
+    fn drop(&mut self) {
+        let (http, endpoint, name) = (self.http.clone(), self.endpoint.clone(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime
+                .block_on(azurite::send(&http, &endpoint, Method::DELETE, &format!("/{name}?restype=container")))
+                .ok()
+        })
+        .join();
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
 // Clusters: real `ferry serve` processes sharing one PostgreSQL database and one store.
 
 /// Where a cluster keeps upload bytes.
@@ -564,6 +706,8 @@ pub enum Storage {
     Local,
     /// One bucket on the S3 endpoint (`--store s3://<bucket>/ferry`).
     S3,
+    /// One container on Azurite (`--store az://<container>/ferry`).
+    Azure,
 }
 
 /// Several `ferry serve` processes on one PostgreSQL database and one store. Dropping it kills
@@ -574,6 +718,8 @@ pub struct Cluster {
     pub db_url: String,
     pub store_url: String,
     pub bucket: Option<S3Bucket>,
+    /// The container of an Azure cluster.
+    pub container: Option<AzureContainer>,
     pub nodes: Vec<Node>,
     dir: Option<tempfile::TempDir>,
 }
@@ -607,15 +753,20 @@ impl Cluster {
     pub async fn start_nodes(storage: Storage, extra: &[&[&str]]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let bucket = match storage {
-            Storage::Local => None,
             Storage::S3 => Some(S3Bucket::create().await),
+            Storage::Local | Storage::Azure => None,
+        };
+        let container = match storage {
+            Storage::Azure => Some(AzureContainer::create().await),
+            Storage::Local | Storage::S3 => None,
         };
         let db_url = fresh_database(Backend::Postgres, dir.path()).await;
-        let store_url = match &bucket {
-            Some(bucket) => bucket.store_url(),
-            None => dir.path().join("store").display().to_string(),
+        let store_url = match (&bucket, &container) {
+            (Some(bucket), _) => bucket.store_url(),
+            (_, Some(container)) => container.store_url(),
+            _ => dir.path().join("store").display().to_string(),
         };
-        let mut cluster = Cluster { storage, db_url, store_url, bucket, nodes: Vec::new(), dir: Some(dir) };
+        let mut cluster = Cluster { storage, db_url, store_url, bucket, container, nodes: Vec::new(), dir: Some(dir) };
         for args in extra {
             cluster.add_node(args, &[]).await;
         }
@@ -623,9 +774,13 @@ impl Cluster {
     }
 
     /// Starts one more instance with `extra` arguments and `env` on top of the cluster's
-    /// environment (say an `AWS_ENDPOINT` of its own), and waits until it is ready.
+    /// environment (say an `AWS_ENDPOINT` of its own), and waits until it is ready. An S3 store
+    /// is configured through the environment, an Azure one through `--store-option`.
     pub async fn add_node(&mut self, extra: &[&str], env: &[(&str, &str)]) -> &Node {
         let name = ((b'a' + self.nodes.len() as u8) as char).to_string();
+        let store_args = self.container.as_ref().map(AzureContainer::args).unwrap_or_default();
+        let extra: Vec<&str> = store_args.iter().map(String::as_str).chain(extra.iter().copied()).collect();
+        let extra = extra.as_slice();
         let mut vars = self.bucket.as_ref().map(S3Bucket::env).unwrap_or_default();
         vars.retain(|(k, _)| !env.iter().any(|(key, _)| key == k));
         vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
@@ -679,19 +834,22 @@ impl Cluster {
     /// The bytes the store holds for an upload, read from the store itself (not through ferry).
     pub async fn stored_object(&self, url: &str) -> Option<Vec<u8>> {
         let id = upload_id(url);
-        match &self.bucket {
-            Some(bucket) => bucket.get(&format!("{S3_PREFIX}/uploads/{id}")).await,
-            None => std::fs::read(self.store_dir().join("uploads").join(id)).ok(),
+        let key = format!("{S3_PREFIX}/uploads/{id}");
+        match (&self.bucket, &self.container) {
+            (Some(bucket), _) => bucket.get(&key).await,
+            (_, Some(container)) => container.get(&key).await,
+            _ => std::fs::read(self.store_dir().join("uploads").join(id)).ok(),
         }
     }
 
     /// Everything the store holds, one line each, sorted: `<path> (<size>)` relative to the store
     /// folder, or bucket keys relative to the prefix and unfinished multipart uploads (see
-    /// [`S3Bucket::inventory`]).
+    /// [`S3Bucket::inventory`] and [`AzureContainer::inventory`]).
     pub async fn store_inventory(&self) -> Vec<String> {
-        match &self.bucket {
-            Some(bucket) => bucket.inventory().await,
-            None => {
+        match (&self.bucket, &self.container) {
+            (Some(bucket), _) => bucket.inventory().await,
+            (_, Some(container)) => container.inventory().await,
+            _ => {
                 let mut found = Vec::new();
                 list_files(&self.store_dir(), &self.store_dir(), &mut found);
                 found.sort();
@@ -828,10 +986,10 @@ impl Node {
             .stdout(out)
             .stderr(err)
             .kill_on_drop(true);
-        // Only what the test sets: no FERRY_* or AWS_* settings from the caller's environment.
+        // Only what the test sets: no FERRY_*, AWS_* or AZURE_* settings from the caller's environment.
         for (key, _) in std::env::vars_os() {
             let key = key.to_string_lossy();
-            if key.starts_with("FERRY_") || key.starts_with("AWS_") {
+            if ["FERRY_", "AWS_", "AZURE_", "AZURITE_"].iter().any(|prefix| key.starts_with(prefix)) {
                 command.env_remove(key.as_ref());
             }
         }

@@ -1,9 +1,11 @@
 //! The HTTP API end to end, against real servers on port 0. Every test runs twice: on SQLite
 //! and on PostgreSQL (`FERRY_TEST_POSTGRES`, default postgres://postgres@127.0.0.1:5432/postgres).
 
+mod azurite;
 mod helpers;
 
 mod access;
+mod azure;
 mod backend_app;
 mod browser;
 mod cli_upload;

@@ -710,9 +710,7 @@ impl Doctor {
                 .map(|v| v.split(',').map(|e| e.trim().to_string()).filter(|e| !e.is_empty()).collect())
                 .unwrap_or_default()
         };
-        let max_append_size = header("upload-limit").and_then(|v| {
-            v.split(',').find_map(|item| item.trim().strip_prefix("max-append-size=").and_then(|n| n.parse().ok()))
-        });
+        let max_append_size = header("upload-limit").as_deref().and_then(crate::cli::upload::policy::max_append_size);
         Ok(TusInfo {
             version,
             extensions: list(header("tus-extension")),

@@ -6,7 +6,7 @@
 //! SHA-256. A rerun of the same command finds the saved URL and continues from the server's
 //! offset. See the README's "Command-line uploads" for the user's view.
 
-mod policy;
+pub(crate) mod policy;
 mod progress;
 mod state;
 

@@ -49,6 +49,14 @@ export const DEFAULTS = Object.freeze({
 export const STATES = Object.freeze(['queued', 'uploading', 'retrying', 'paused', 'done', 'error', 'aborted'])
 
 /** An error with what the user needs: a readable message, the HTTP status (0: no answer), the server's words. */
+/** A header holding a non-negative integer, or null when it is missing or is not one. */
+function integerHeader(reply, name) {
+  const value = reply.header(name)
+  if (value === null || !/^[0-9]+$/.test(value.trim())) return null
+  const number = Number(value.trim())
+  return Number.isSafeInteger(number) ? number : null
+}
+
 export class UploadError extends Error {
   constructor(message, { status = 0, body = '', retryable = false, cause } = {}) {
     super(message, cause ? { cause } : undefined)
@@ -526,8 +534,8 @@ export class Upload extends EventTarget {
   async _head(url, run, remembered) {
     const reply = await this._request('HEAD', url, { run })
     if (reply.status === 200 || reply.status === 204) {
-      const offset = Number(reply.header('Upload-Offset'))
-      if (!Number.isSafeInteger(offset)) throw new UploadError(`HEAD ${url} answered without an Upload-Offset`)
+      const offset = integerHeader(reply, 'Upload-Offset')
+      if (offset === null) throw new UploadError(`HEAD ${url} answered without an Upload-Offset`)
       const length = reply.header('Upload-Length')
       this.uploader._learnLimit(reply)
       return { offset, length: length === null ? null : Number(length), reply }
@@ -574,8 +582,11 @@ export class Upload extends EventTarget {
     })
     const seconds = (performance.now() - began) / 1000
     if (reply.status === 204 || reply.status === 200) {
-      const offset = Number(reply.header('Upload-Offset'))
-      if (!Number.isSafeInteger(offset) || offset < start) throw new UploadError('the server answered a PATCH without a valid Upload-Offset')
+      const offset = integerHeader(reply, 'Upload-Offset')
+      if (offset === null || offset > this.size) throw new UploadError('the server answered a PATCH without a valid Upload-Offset')
+      // Nothing kept (an intermediary lost the body?): a failure like any other, not a success
+      // that sends the same chunk again at once, for ever.
+      if (offset <= start) throw new UploadError(`the server kept none of bytes ${start}-${end}`, { status: reply.status, retryable: true })
       this.stats.bytesPatched += offset - start
       up._learnLimit(reply)
       return { offset, seconds }
@@ -604,7 +615,11 @@ export class Upload extends EventTarget {
     for (let attempt = 0; attempt < 10; attempt++) {
       const found = await this._retrying(run, () => this._head(this.url, run, false))
       const sha256 = sha256FromReprDigest(found.reply.header('Repr-Digest'))
-      if (sha256 || found.offset < this.size) return sha256
+      if (found.offset < this.size) {
+        // Never report an upload done that the server does not hold whole.
+        throw new UploadError(`the server holds ${found.offset} of ${this.size} bytes after the last chunk; retry to resume`)
+      }
+      if (sha256) return sha256
       // Object stores finish assembling a moment after the last PATCH.
       await new Promise((resolve) => setTimeout(resolve, 250 * (attempt + 1)))
       this._check(run)

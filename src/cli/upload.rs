@@ -548,6 +548,13 @@ impl FileUpload<'_> {
             .ok_or("the server created the upload but sent no Location")?;
         let url =
             uploader.args.to.join(location).map_err(|e| format!("the Location '{location}' is not a URL: {e}"))?;
+        if is_downgrade(&uploader.args.to, &url) {
+            return Err(Failure::Fatal(format!(
+                "the server answered with an upload URL over plain http ({url}) to a request made over https: \
+                 behind a TLS proxy, start ferry with --behind-proxy (and have the proxy set X-Forwarded-Proto); \
+                 nothing more was sent"
+            )));
+        }
         let record = Record {
             version: 1,
             fingerprint: self.fingerprint.clone(),
@@ -1292,9 +1299,25 @@ fn guess_type(name: &str) -> Option<&'static str> {
     })
 }
 
+/// Whether following `location` after asking `to` would leave https for plain http: the token
+/// and the file would then travel in clear (ferry behind a TLS proxy without `--behind-proxy`).
+fn is_downgrade(to: &Url, location: &Url) -> bool {
+    to.scheme() == "https" && location.scheme() != "https"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upload_url_may_not_leave_https() {
+        let url = |s: &str| Url::parse(s).unwrap();
+        let to = url("https://up.example/files/");
+        assert!(is_downgrade(&to, &url("http://up.example/files/abc")));
+        assert!(!is_downgrade(&to, &url("https://up.example/files/abc")));
+        assert!(!is_downgrade(&url("http://127.0.0.1:8080/files/"), &url("http://127.0.0.1:8080/files/abc")));
+        assert!(!is_downgrade(&url("http://up.example/files/"), &url("https://up.example/files/abc")));
+    }
 
     #[tokio::test]
     async fn chunks_prepared_ahead_or_not_have_the_right_checksums() {

@@ -534,6 +534,10 @@ pub fn render_snippets(advice: &Advice, path: &str) -> String {
 // ------------------------------------------------------------------------------------------------
 // Talking to ferry
 
+/// How often a probe that failed for a reason unrelated to its size (a 502, 504, 408) is sent again
+/// before the failure counts as a refusal of that size.
+const TRANSIENT_RETRIES: u32 = 2;
+
 /// What one probe request came back with.
 #[derive(Debug, Clone)]
 enum Outcome {
@@ -543,6 +547,8 @@ enum Outcome {
     Refused { by: String, by_ferry: bool },
     /// ferry's own rate limits: try again after this long.
     Wait(Duration),
+    /// A failure that says nothing about body sizes (a 5xx or 408 on the way): worth another try.
+    Transient(String),
     /// The probe cannot be used at all.
     Unusable(String),
 }
@@ -787,7 +793,12 @@ impl Doctor {
                     (None, None) if text.contains("nginx") => "a proxy (nginx)".into(),
                     (None, None) => "a proxy".into(),
                 };
-                Outcome::Refused { by: format!("{status} from {who}"), by_ferry: false }
+                let by = format!("{status} from {who}");
+                if status == 408 || (500..600).contains(&status) {
+                    Outcome::Transient(by)
+                } else {
+                    Outcome::Refused { by, by_ferry: false }
+                }
             }
         }
     }
@@ -801,8 +812,15 @@ impl Doctor {
     /// limits for up to [`MAX_RETRY_WAIT`] in all; never answers [`Outcome::Wait`].
     async fn probe_with(&self, size: u64, mut body: impl FnMut() -> reqwest::Body) -> Outcome {
         let mut waited = Duration::ZERO;
+        let mut transient = 0;
         loop {
             match self.send_probe(size, body()).await {
+                Outcome::Transient(_) if transient < TRANSIENT_RETRIES => {
+                    transient += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                // Failing again and again at this size: count it as refused.
+                Outcome::Transient(by) => return Outcome::Refused { by, by_ferry: false },
                 Outcome::Wait(wait) if waited + wait <= MAX_RETRY_WAIT => {
                     tokio::time::sleep(wait).await;
                     waited += wait;
@@ -833,7 +851,9 @@ impl Doctor {
                 status.problem = Some(problem);
                 return (status, None);
             }
-            Outcome::Wait(_) => unreachable!("probe() waits out 429s"),
+            Outcome::Wait(_) | Outcome::Transient(_) => {
+                unreachable!("probe() waits out 429s and retries or settles transient failures")
+            }
         };
         status.available = true;
         status.max_size = Some(max_size);
@@ -864,7 +884,9 @@ impl Doctor {
                     status.problem = Some(problem);
                     break;
                 }
-                Outcome::Wait(_) => unreachable!("probe() waits out 429s"),
+                Outcome::Wait(_) | Outcome::Transient(_) => {
+                    unreachable!("probe() waits out 429s and retries or settles transient failures")
+                }
             }
             next = search.next_size();
         }
@@ -910,7 +932,9 @@ impl Doctor {
             }
             Outcome::Refused { by, .. } => anyhow::bail!("a paced body of {size} bytes was refused: {by}"),
             Outcome::Unusable(problem) => anyhow::bail!(problem),
-            Outcome::Wait(_) => unreachable!("probe_with() waits"),
+            Outcome::Wait(_) | Outcome::Transient(_) => {
+                unreachable!("probe_with() waits and settles transient failures")
+            }
         }
     }
 
@@ -923,7 +947,9 @@ impl Doctor {
                 Outcome::Passed(_) => elapsed += started.elapsed(),
                 Outcome::Refused { by, .. } => anyhow::bail!("{size} bytes were refused: {by}"),
                 Outcome::Unusable(problem) => anyhow::bail!(problem),
-                Outcome::Wait(_) => unreachable!("probe() waits out 429s"),
+                Outcome::Wait(_) | Outcome::Transient(_) => {
+                    unreachable!("probe() waits out 429s and retries or settles transient failures")
+                }
             }
         }
         let bytes = (size * u64::from(THROUGHPUT_SAMPLES)) as f64;

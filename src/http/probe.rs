@@ -34,6 +34,8 @@ pub const PROBE_HEADER: &str = "ferry-probe";
 pub const MAX_CONCURRENT: usize = 2;
 /// The path segment after the base path.
 pub const SEGMENT: &str = "probe";
+/// The longest one probe may take, however its bytes trickle in: a slot is never held for ever.
+pub const DEADLINE: Duration = Duration::from_secs(120);
 
 /// The probe's limits, from the configuration.
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +62,11 @@ impl Probe {
 
     fn take(&self, bytes: u64) -> Result<(), Duration> {
         self.budget.lock().unwrap_or_else(|e| e.into_inner()).take(bytes, Instant::now())
+    }
+
+    /// Returns what a body declared but never sent, so that abandoned probes cannot spend the budget.
+    fn give_back(&self, bytes: u64) {
+        self.budget.lock().unwrap_or_else(|e| e.into_inner()).give_back(bytes);
     }
 }
 
@@ -91,6 +98,10 @@ impl TokenBucket {
     }
 
     /// Takes `bytes`, or says how long until they could be taken.
+    fn give_back(&mut self, bytes: u64) {
+        self.tokens = (self.tokens + bytes as f64).min(self.capacity);
+    }
+
     fn take(&mut self, bytes: u64, now: Instant) -> Result<(), Duration> {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.per_second).min(self.capacity);
@@ -164,17 +175,25 @@ async fn probe(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
     let mut stream = body.into_data_stream();
     let mut received: u64 = 0;
     let mut first_byte = None;
+    let unsent = |received: u64| declared.map_or(0, |length| length.saturating_sub(received));
     loop {
-        let frame = match tokio::time::timeout(idle_timeout, stream.next()).await {
+        let left = DEADLINE.saturating_sub(started.elapsed());
+        let frame = match tokio::time::timeout(idle_timeout.min(left), stream.next()).await {
             Ok(Some(Ok(frame))) => frame,
             Ok(None) => break,
             Ok(Some(Err(e))) => {
                 tracing::debug!(error = %e, received, "probe body broke off");
+                probe.give_back(unsent(received));
                 let error = format!("the body broke off after {received} bytes: {e}");
                 return answer(StatusCode::BAD_REQUEST, "invalid", serde_json::json!({"error": error}));
             }
             Err(_) => {
-                let error = format!("no body bytes for {idle_timeout:?}");
+                probe.give_back(unsent(received));
+                let error = if left <= idle_timeout {
+                    format!("a probe may take at most {DEADLINE:?}")
+                } else {
+                    format!("no body bytes for {idle_timeout:?}")
+                };
                 return answer(StatusCode::REQUEST_TIMEOUT, "idle", serde_json::json!({"error": error}));
             }
         };
@@ -223,6 +242,19 @@ mod tests {
         let later = start + Duration::from_secs(3600);
         assert_eq!(bucket.take(60, later), Ok(()));
         assert!(bucket.take(1, later).is_err());
+    }
+
+    #[test]
+    fn bytes_declared_but_never_sent_come_back() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(100, Duration::from_secs(60), start);
+        assert_eq!(bucket.take(100, start), Ok(()));
+        assert!(bucket.take(1, start).is_err());
+        bucket.give_back(70);
+        assert_eq!(bucket.take(70, start), Ok(()));
+        bucket.give_back(1000);
+        assert_eq!(bucket.take(100, start), Ok(()), "never more than the capacity");
+        assert!(bucket.take(1, start).is_err());
     }
 
     #[test]

@@ -290,7 +290,9 @@ export class Upload extends EventTarget {
 
     if (!this.url) {
       const remembered = up._remembered(this.file)
-      if (remembered) {
+      // Two files alike in name, size and date (say from two folders) must not share one upload.
+      const taken = remembered && up.uploads.some((other) => other !== this && other.url === remembered.url)
+      if (remembered && !taken) {
         const found = await this._retrying(run, () => this._head(remembered.url, run, true))
         this._check(run)
         if (found && found.length === this.size) {

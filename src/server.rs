@@ -75,6 +75,7 @@ impl App {
                 url: url.clone(),
                 timeout: args.pre_create_timeout,
                 forward_headers: args.pre_create_headers.iter().map(|h| h.trim().to_ascii_lowercase()).collect(),
+                secrets: args.webhook_secret.clone(),
             })?)),
             None => None,
         };

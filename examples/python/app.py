@@ -130,7 +130,14 @@ def create_app(config=None):
         status and message on to the client. This is called while the client waits, so it must be
         quick: a slow or absent answer makes ferry refuse the upload with 503.
         """
-        hook = request.get_json(silent=True)
+        try:
+            # ferry signs the call like its webhooks (same secret): only ferry may ask.
+            hook = webhook.verify(request.get_data(), request.headers)
+        except WebhookVerificationError as e:
+            app.logger.warning("refused a pre-create call: %s", e)
+            return {"message": "this call is not signed by ferry"}, 401
+        except ValueError:  # signed, but not JSON
+            hook = None
         if not isinstance(hook, dict):
             return {"message": "expected a JSON object"}, 400
         headers = {k.lower(): v for k, v in (hook.get("headers") or {}).items()}

@@ -218,7 +218,8 @@ def test_without_test_mode_there_is_no_test_endpoint_and_events_are_private(app,
 
 def pre_create(client, length=1000, **headers):
     hook = {"length": length, "metadata": {"filename": "a.txt"}, "concat": None, "headers": headers}
-    return client.post("/hooks/pre-create", json=hook)
+    body, signature = signed(hook, webhook_id="pre_" + secrets.token_hex(16))
+    return client.post("/hooks/pre-create", data=body, headers=signature)
 
 
 def session_cookie(client):
@@ -295,7 +296,26 @@ def test_pre_create_denies_a_file_over_the_users_limit(client):
 
 
 def test_pre_create_needs_a_json_object(client):
-    assert client.post("/hooks/pre-create", data="nope").status_code == 400
+    at = datetime.now(timezone.utc)
+    headers = {
+        "webhook-id": "pre_1",
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": Webhook(WEBHOOK_SECRET).sign("pre_1", at, "nope"),
+    }
+    assert client.post("/hooks/pre-create", data="nope", headers=headers).status_code == 400
+
+
+def test_pre_create_refuses_calls_ferry_did_not_sign(client):
+    login(client)
+    hook = {"length": 10, "metadata": {}, "concat": None, "headers": {"cookie": session_cookie(client)}}
+    unsigned = client.post("/hooks/pre-create", json=hook)
+    assert unsigned.status_code == 401
+    assert "not signed by ferry" in unsigned.get_json()["message"]
+    other = "whsec_" + base64.b64encode(b"another secret, 32 bytes long!!").decode()
+    body, headers = signed(hook, secret=other)
+    assert client.post("/hooks/pre-create", data=body, headers=headers).status_code == 401
+    body, headers = signed(hook)
+    assert client.post("/hooks/pre-create", data=body, headers=headers).status_code == 200
 
 
 # ---- upload tokens -----------------------------------------------------------------------------

@@ -11,6 +11,9 @@ pub struct PreCreateSettings {
     pub timeout: Duration,
     /// Request headers passed on to the application (lower case).
     pub forward_headers: Vec<String>,
+    /// The webhook secrets: when set, each call is signed as webhooks are (Standard Webhooks
+    /// headers), so the application can tell ferry's calls from anyone else's.
+    pub secrets: Vec<super::Secret>,
 }
 
 #[derive(Debug, Serialize)]
@@ -69,8 +72,17 @@ impl PreCreate {
     }
 
     pub async fn ask(&self, request: &PreCreateRequest) -> Decision {
-        let body = serde_json::to_vec(request).expect("the request serializes");
-        let sent = self.client.post(&self.settings.url).header("content-type", "application/json").body(body).send();
+        let body = serde_json::to_string(request).expect("the request serializes");
+        let mut call = self.client.post(&self.settings.url).header("content-type", "application/json");
+        if !self.settings.secrets.is_empty() {
+            let id = format!("pre_{}", uuid::Uuid::new_v4().simple());
+            let timestamp = crate::uploads::now_ms() / 1000;
+            call = call
+                .header("webhook-id", &id)
+                .header("webhook-timestamp", timestamp.to_string())
+                .header("webhook-signature", super::sign(&self.settings.secrets, &id, timestamp, &body));
+        }
+        let sent = call.body(body).send();
         let response = match sent.await {
             Ok(response) => response,
             Err(e) if e.is_timeout() => {

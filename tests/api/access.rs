@@ -142,3 +142,37 @@ async fn pre_create_hook_decides(backend: Backend) {
 }
 
 db_backend_tests!(tokens_guard_every_request, pre_create_hook_decides);
+
+/// With a webhook secret, the pre-create call is signed like a webhook, so the application can
+/// refuse calls that do not come from ferry.
+#[tokio::test]
+async fn pre_create_calls_are_signed() {
+    use crate::backend_app::{WEBHOOK_SECRET, sign};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(http::HeaderMap, String)>();
+    let hook = post(move |headers: http::HeaderMap, body: String| {
+        let tx = tx.clone();
+        async move {
+            tx.send((headers, body)).unwrap();
+            StatusCode::OK
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks/pre-create", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, Router::new().route("/hooks/pre-create", hook)).await.unwrap() });
+    let app = TestApp::spawn_with(Backend::Sqlite, move |args| {
+        args.pre_create_url = Some(url);
+        args.webhook_secret = vec![ferry::hooks::Secret::parse(WEBHOOK_SECRET).unwrap()];
+    })
+    .await;
+    let created = app.tus(Method::POST, &app.files).header("Upload-Length", "10").send().await.unwrap();
+    assert_eq!(created.status(), 201);
+    let (headers, body) = rx.recv().await.unwrap();
+    let text = |name: &str| headers.get(name).unwrap_or_else(|| panic!("no {name}")).to_str().unwrap().to_string();
+    let id = text("webhook-id");
+    assert!(id.starts_with("pre_"), "{id}");
+    let timestamp: i64 = text("webhook-timestamp").parse().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!((now - timestamp).abs() < 60);
+    assert_eq!(text("webhook-signature"), sign(WEBHOOK_SECRET, &id, timestamp, &body));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["length"], 10);
+}

@@ -397,7 +397,7 @@ impl Drop for PyApp {
 }
 
 /// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, computed here, independently of ferry.
-fn sign(secret: &str, id: &str, timestamp: i64, body: &str) -> String {
+pub(crate) fn sign(secret: &str, id: &str, timestamp: i64, body: &str) -> String {
     let key = STANDARD.decode(secret.trim_start_matches("whsec_")).unwrap();
     let mut mac = hmac::Hmac::<Sha256>::new_from_slice(&key).unwrap();
     mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
@@ -1327,7 +1327,9 @@ async fn size_limits_hold_for_deferred_lengths() {
     let mut scene = Scene::new(Db::Sqlite, 2).await;
     scene.app.start().await;
     // Instance a asks the pre-create hook; instance b checks tokens (and asks no hook).
-    scene.start_ferry(&["--pre-create-url".to_string(), scene.app.pre_create_url()]).await;
+    // (The app refuses pre-create calls that ferry did not sign with the webhook secret.)
+    let hook = ["--pre-create-url", &scene.app.pre_create_url(), "--webhook-secret", WEBHOOK_SECRET].map(String::from);
+    scene.start_ferry(&hook).await;
     scene.start_ferry(&["--token-secret".to_string(), TOKEN_SECRET.to_string()]).await;
     let bob = scene.app.login("bob").await;
     let (bob_token, _) = scene.app.upload_token(&bob).await;

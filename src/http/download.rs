@@ -49,10 +49,7 @@ pub async fn download(
     let size = upload.length.unwrap_or(upload.offset);
     let etag = etag(&upload);
 
-    // If-None-Match uses the weak comparison: `W/"x"` matches `"x"`.
-    if let Some(tags) = request_headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok())
-        && tags.split(',').map(|t| t.trim()).any(|t| t == "*" || t.trim_start_matches("W/") == etag)
-    {
+    if super::headers::if_none_match(&request_headers, &etag) {
         let mut response = StatusCode::NOT_MODIFIED.into_response();
         response.headers_mut().insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex etag"));
         response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static(CACHE_CONTROL));

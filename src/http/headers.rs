@@ -133,6 +133,17 @@ fn parse_upload_url(url: &str, base_path: &str) -> Result<UploadId, ApiError> {
         .ok_or_else(|| ApiError::bad_header(format!("'{url}' in Upload-Concat is not an upload URL of this server")))
 }
 
+/// Whether `If-None-Match` names `etag` (a quoted entity tag) or is `*`. Weak comparison, as
+/// RFC 9110 asks for GET: `W/"x"` matches `"x"`.
+pub fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(
+        |candidate| {
+            let candidate = candidate.trim();
+            candidate == "*" || candidate.strip_prefix("W/").unwrap_or(candidate) == etag
+        },
+    )
+}
+
 /// `scheme://host` of the URL the client asked for. Without `behind_proxy` that is plain HTTP to
 /// `Host`. With it, the proxy's `Forwarded` (RFC 7239; the first, client-most element) wins, then
 /// `X-Forwarded-Proto` and `X-Forwarded-Host` (first value of a list), then `Host`.
@@ -213,6 +224,22 @@ mod tests {
 #[cfg(test)]
 mod origin_tests {
     use super::*;
+
+    #[test]
+    fn if_none_match_compares_weakly() {
+        let etag = "\"abc\"";
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::IF_NONE_MATCH, http::HeaderValue::from_str(value).unwrap());
+            if_none_match(&headers, etag)
+        };
+        assert!(with("\"abc\""));
+        assert!(with("W/\"abc\""));
+        assert!(with("\"x\", \"abc\""));
+        assert!(with("*"));
+        assert!(!with("\"abd\""));
+        assert!(!if_none_match(&HeaderMap::new(), etag));
+    }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut map = HeaderMap::new();

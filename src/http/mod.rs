@@ -34,8 +34,9 @@ pub struct AppState {
     pub tokens: Option<std::sync::Arc<auth::TokenVerifier>>,
     /// The application's pre-create hook, when configured.
     pub precreate: Option<std::sync::Arc<crate::hooks::precreate::PreCreate>>,
-    /// The largest request body clients are asked to send (`Upload-Limit: max-append-size=N`).
-    pub max_append_size: Option<u64>,
+    /// `Upload-Limit: max-append-size=N`, the largest request body clients are asked to send
+    /// (`--max-append-size`), made once.
+    pub upload_limit: Option<HeaderValue>,
     /// Whether `Forwarded` / `X-Forwarded-*` from the proxy in front are trusted for URLs.
     pub behind_proxy: bool,
     /// The probe endpoint of `ferry doctor` (`POST {base_path}probe`), unless disabled.

@@ -63,10 +63,8 @@ pub async fn options(State(state): State<AppState>) -> Response {
 /// `Upload-Limit: max-append-size=N` (the IETF resumable-uploads draft's field): the largest
 /// body the proxies in front let through, so clients size their chunks below it.
 fn set_upload_limit(state: &AppState, h: &mut HeaderMap) {
-    if let Some(limit) = state.max_append_size
-        && let Ok(value) = HeaderValue::from_str(&format!("max-append-size={limit}"))
-    {
-        h.insert("upload-limit", value);
+    if let Some(value) = &state.upload_limit {
+        h.insert("upload-limit", value.clone());
     }
 }
 

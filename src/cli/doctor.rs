@@ -767,7 +767,7 @@ impl Doctor {
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
+            .and_then(|v| crate::cli::upload::policy::retry_after(v, std::time::SystemTime::now()));
         let text = response.text().await.unwrap_or_default();
         match (status, marker.as_deref()) {
             (200, Some(_)) => match serde_json::from_str::<ProbeAnswer>(&text) {
@@ -775,7 +775,7 @@ impl Doctor {
                 Err(e) => Outcome::Unusable(format!("the probe answered something unexpected: {e}")),
             },
             (413, Some(_)) => Outcome::Refused { by: "ferry's probe limit".into(), by_ferry: true },
-            (429, _) => Outcome::Wait(Duration::from_secs(retry_after.unwrap_or(1).max(1))),
+            (429, _) => Outcome::Wait(retry_after.unwrap_or(Duration::from_secs(1)).max(Duration::from_secs(1))),
             (401, _) => Outcome::Unusable(if self.token.is_some() {
                 "the probe refused the upload token (401)".into()
             } else {

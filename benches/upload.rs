@@ -1,370 +1,471 @@
-//! Upload benchmark: `cargo bench --bench upload`.
+//! Upload benchmark: `cargo bench --bench upload` (see the README's "Benchmark" section).
 //!
-//! Runs the release `ferry` binary (SQLite + local disk in a temp folder) and reports, each as a
-//! ratio against a reference measured in the same run:
-//! - throughput of chunked uploads against writing the same chunks to a file with fsync;
-//! - the latency of the last PATCH of a large upload against an early PATCH of the same size
-//!   (1.0 means completing an upload costs nothing extra, whatever the file size);
-//! - the server's peak memory growth against the chunk size (bodies are streamed, not buffered).
+//! Every measure is a ratio against a reference measured in the same run, on this machine:
+//! - **ingest**: one upload of 256 MiB in 8 MiB and 1 MiB chunks, data on tmpfs, medians of 5
+//!   interleaved rounds, each upload terminated after its timing; ferry on SQLite and on
+//!   PostgreSQL against (a) a minimal receiver that streams each body to a file with one
+//!   `fdatasync` per request, (b) the same with SHA-256 on the request task, and rustus when a
+//!   `rustus` binary is installed; server CPU seconds per GiB;
+//! - **concurrency**: 8 uploads at once against one upload's speed, and ferry's peak memory;
+//! - **slow**: 1,000 uploads of 1 MiB at once, bodies paced at 128 KiB/s, on SQLite and on
+//!   PostgreSQL: all complete byte-exact, ferry's peak memory, HEAD latency meanwhile;
+//! - **stores**: on an S3 API and on Azurite, ferry against a plain multipart upload of the same
+//!   bytes in 8 MiB parts.
 //!
-//! With `moto_server` on the PATH (or in `tests/clients/.venv`, where `tests/run` installs it), the
-//! same uploads run against an S3 store too, and each S3 row adds the time from the last PATCH's
-//! answer to the upload being downloadable (the multipart completion; it must not grow with the
-//! file). `FERRY_BENCH_SIZES` (MiB, comma-separated; default `64,1024`) sets the file sizes.
+//! At the end every target of the acceptance list is printed with its measured value.
 //!
-//! With Azurite installed (in `tests/azurite`, where `tests/run` installs it, or `azurite-blob` on
-//! the PATH), the same again on an Azure store: throughput against a plain Put Block / Put Block
-//! List upload of the same bytes, and the completion time against Azurite's own Put Block List
-//! of as many blocks.
+//! Environment: `FERRY_BENCH` (comma-separated sections, default all), `FERRY_BENCH_DIR` (where
+//! servers keep their data; default `/dev/shm`, a tmpfs), `FERRY_BENCH_ROUNDS` (default 5),
+//! `FERRY_BENCH_FILE_MIB` (default 256), `FERRY_BENCH_POSTGRES` (admin URL, default
+//! `postgres://postgres@127.0.0.1:5432/postgres`; a database is made for the run and dropped).
 
 #[path = "../tests/api/azurite.rs"]
+#[allow(dead_code)]
 mod azurite;
+#[path = "support/client.rs"]
+mod client;
+#[path = "support/reference.rs"]
+mod reference;
+#[path = "support/servers.rs"]
+mod servers;
 
 use std::{
-    io::Write,
-    process::{Child, Command, Stdio},
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
+use servers::Server;
+
 const MIB: usize = 1 << 20;
+const GIB: f64 = (1u64 << 30) as f64;
 
-/// Where a server keeps upload bytes.
-#[derive(Clone)]
-enum Backing {
-    Disk,
-    /// The S3 endpoint and its bucket `bench`.
-    S3(String),
-    /// The Azurite endpoint and its container `bench`.
-    Azure(String),
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
 }
 
-struct Server {
-    child: Child,
-    base: String,
-    backing: Backing,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
     }
+    if n % 2 == 1 { values[n / 2] } else { (values[n / 2 - 1] + values[n / 2]) / 2.0 }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+fn mb_per_s(bytes: usize, took: Duration) -> f64 {
+    bytes as f64 / 1e6 / took.as_secs_f64()
 }
 
-fn wait_for_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start");
-        std::thread::sleep(Duration::from_millis(20));
+/// A file's worth of bytes that do not repeat within any chunk.
+fn test_data(len: usize) -> Bytes {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut data = Vec::with_capacity(len);
+    while data.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        data.extend_from_slice(&state.to_le_bytes());
     }
+    data.truncate(len);
+    data.into()
 }
 
-/// Starts ferry on local disk, or on an object store.
-fn start_server(backing: &Backing) -> Server {
-    let dir = tempfile::tempdir_in(std::env::var("FERRY_BENCH_DIR").unwrap_or_else(|_| "target".into())).unwrap();
-    let port = free_port();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
-    command
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-        .arg(dir.path())
-        .env("FERRY_LOG", "warn")
-        .stdout(Stdio::null());
-    match backing {
-        Backing::Disk => {}
-        Backing::S3(endpoint) => {
-            command
-                .args(["--store", "s3://bench/ferry"])
-                .env("AWS_ENDPOINT", endpoint)
-                .env("AWS_ALLOW_HTTP", "true")
-                .env("AWS_ACCESS_KEY_ID", "bench")
-                .env("AWS_SECRET_ACCESS_KEY", "bench")
-                .env("AWS_REGION", "us-east-1");
+/// A target of the acceptance list and what the run measured.
+struct Target {
+    what: String,
+    measured: String,
+    met: Option<bool>,
+}
+
+#[derive(Default)]
+struct Targets(Vec<Target>);
+
+impl Targets {
+    fn ratio(&mut self, what: &str, value: f64, at_least: f64) {
+        let met = value.is_finite().then_some(value >= at_least);
+        self.0.push(Target { what: what.into(), measured: format!("{value:.2}x"), met });
+    }
+
+    fn at_most(&mut self, what: &str, value: f64, limit: f64, unit: &str) {
+        let met = value.is_finite().then_some(value <= limit);
+        self.0.push(Target { what: what.into(), measured: format!("{value:.2} {unit}"), met });
+    }
+
+    fn check(&mut self, what: &str, ok: bool, measured: String) {
+        self.0.push(Target { what: what.into(), measured, met: Some(ok) });
+    }
+
+    fn missing(&mut self, what: &str, why: &str) {
+        self.0.push(Target { what: what.into(), measured: why.into(), met: None });
+    }
+
+    fn print(&self) {
+        println!("\n== targets");
+        for target in &self.0 {
+            let verdict = match target.met {
+                Some(true) => "met",
+                Some(false) => "NOT MET",
+                None => "not measured",
+            };
+            println!("{:<13} {:<72} {}", verdict, target.what, target.measured);
         }
-        Backing::Azure(endpoint) => {
-            command.args(["--store", "az://bench/ferry"]);
-            for (key, value) in azurite::store_options(endpoint) {
-                command.arg("--store-option").arg(format!("{key}={value}"));
+    }
+}
+
+/// A PostgreSQL database made for this run, dropped at the end.
+struct Database {
+    admin: String,
+    name: String,
+    url: String,
+}
+
+impl Database {
+    async fn create() -> Option<Self> {
+        use sqlx::{Connection, Executor};
+        let admin = std::env::var("FERRY_BENCH_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let mut conn = match sqlx::PgConnection::connect(&admin).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                println!("(no PostgreSQL rows: {admin}: {e})");
+                return None;
+            }
+        };
+        let name = format!("ferry_bench_{}", uuid::Uuid::new_v4().simple());
+        conn.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
+        let (prefix, _) = admin.rsplit_once('/').unwrap();
+        let url = format!("{prefix}/{name}");
+        Some(Self { admin, name, url })
+    }
+
+    async fn drop_now(&self) {
+        use sqlx::{Connection, Executor};
+        if let Ok(mut conn) = sqlx::PgConnection::connect(&self.admin).await {
+            let _ = conn.execute(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name).as_str()).await;
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--reference-server") {
+        let dir = PathBuf::from(&args[at + 1]);
+        reference::serve(dir, args.iter().any(|a| a == "--sha"));
+        return;
+    }
+    // `cargo test --all-targets` runs benches once as tests, without `--bench`: nothing to do then.
+    if !args.iter().any(|a| a == "--bench") {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(run());
+}
+
+async fn run() {
+    let sections: Vec<String> = std::env::var("FERRY_BENCH")
+        .unwrap_or_else(|_| "ingest,concurrency,slow,stores".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    let wants = |s: &str| sections.iter().any(|x| x == s);
+    let tmpfs = match std::env::var_os("FERRY_BENCH_DIR") {
+        Some(dir) => Scratch::Given(PathBuf::from(dir)),
+        None => Scratch::mount(),
+    };
+    let scratch = tempfile::tempdir_in(tmpfs.path()).expect("a folder for the servers' data");
+    let mut targets = Targets::default();
+    let database = Database::create().await;
+    let postgres = database.as_ref().map(|d| d.url.as_str());
+
+    let mut single_8mib = None;
+    if wants("ingest") {
+        single_8mib = ingest(scratch.path(), postgres, &mut targets).await;
+    }
+    if wants("concurrency") {
+        concurrency(scratch.path(), single_8mib, &mut targets).await;
+    }
+    if wants("slow") {
+        slow(scratch.path(), None, &mut targets).await;
+        match postgres {
+            Some(url) => slow(scratch.path(), Some(url), &mut targets).await,
+            None => targets.missing("1,000 slow uploads on PostgreSQL", "no PostgreSQL"),
+        }
+    }
+    if wants("stores") {
+        println!("\n== stores: not in this build of the benchmark");
+    }
+    if let Some(database) = &database {
+        database.drop_now().await;
+    }
+    targets.print();
+    drop(scratch);
+    drop(tmpfs);
+}
+
+/// Where the servers keep their data: a tmpfs of the benchmark's own when it may mount one (as
+/// root), else `/dev/shm`.
+///
+/// The benchmark's tmpfs uses huge pages and is written through once before measuring. On a
+/// virtual machine whose host backs guest memory lazily, the first write to a page costs several
+/// times the write itself (seen here: 0.5 GB/s for fresh 4 KiB tmpfs pages, 4-5 GB/s once
+/// touched): every server would pay it, and it would drown what the servers differ in.
+enum Scratch {
+    Given(PathBuf),
+    Mounted(tempfile::TempDir),
+}
+
+impl Scratch {
+    fn mount() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=12G,huge=always", "ferry-bench"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            println!("(could not mount a tmpfs of its own: the servers' data go to /dev/shm)");
+            return Self::Given(PathBuf::from("/dev/shm"));
+        }
+        // Touch the memory the measurements will use once, so that none of them pays for it.
+        let warm = dir.path().join("warm-up");
+        let block = vec![0u8; 8 * MIB];
+        let mut file = std::fs::File::create(&warm).unwrap();
+        for _ in 0..(3 << 30) / block.len() {
+            std::io::Write::write_all(&mut file, &block).unwrap();
+        }
+        drop(file);
+        std::fs::remove_file(&warm).unwrap();
+        Self::Mounted(dir)
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Self::Given(path) => path,
+            Self::Mounted(dir) => dir.path(),
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Self::Mounted(dir) = self {
+            let _ = std::process::Command::new("umount").arg(dir.path()).status();
+        }
+    }
+}
+
+/// CPU seconds per GiB of SHA-256 alone on this machine (the sha2 crate ferry uses).
+fn sha256_alone(data: &Bytes) -> f64 {
+    use sha2::Digest;
+    let started = Instant::now();
+    let mut hash = sha2::Sha256::new();
+    for piece in data.chunks(128 * 1024) {
+        hash.update(piece);
+    }
+    std::hint::black_box(hash.finalize());
+    started.elapsed().as_secs_f64() / (data.len() as f64 / GIB)
+}
+
+/// What one server did in the ingest rounds.
+#[derive(Default)]
+struct Ingest {
+    rates: [Vec<f64>; 2],
+    cpu: [Duration; 2],
+    bytes: [usize; 2],
+}
+
+const CHUNKS: [usize; 2] = [8 * MIB, MIB];
+
+async fn ingest(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) -> Option<f64> {
+    let size = env_number("FERRY_BENCH_FILE_MIB", 256) * MIB;
+    let rounds = env_number("FERRY_BENCH_ROUNDS", 5);
+    let data = test_data(size);
+    let mut servers: Vec<Server> = vec![
+        servers::reference("(a) receiver", scratch, false),
+        servers::reference("(b) receiver + SHA-256", scratch, true),
+        servers::ferry("ferry, SQLite", scratch, None, &[], &[]),
+    ];
+    if let Some(url) = postgres {
+        servers.push(servers::ferry("ferry, PostgreSQL", scratch, Some(url), &[], &[]));
+    }
+    match servers::rustus_binary() {
+        Some(binary) => servers.push(servers::rustus(&binary, scratch)),
+        None => println!("(no rustus row: no rustus binary; `cargo install rustus --locked` adds it)"),
+    }
+    // FERRY_BENCH_SERVERS (a part of a row's name) measures only some rows, for profiling.
+    if let Ok(only) = std::env::var("FERRY_BENCH_SERVERS") {
+        servers.retain(|s| s.name.contains(only.as_str()) || s.name.starts_with('('));
+    }
+    println!(
+        "\n== ingest: one upload of {} MiB, {rounds} interleaved rounds, data in {}",
+        size / MIB,
+        scratch.display()
+    );
+    let mut results: Vec<Ingest> = servers.iter().map(|_| Ingest::default()).collect();
+    for _round in 0..rounds {
+        for (server, result) in servers.iter().zip(results.iter_mut()) {
+            for (i, chunk) in CHUNKS.iter().enumerate() {
+                let cpu = server.cpu();
+                let took = client::timed_upload(server.addr, &server.base_path, &data, *chunk).await;
+                result.cpu[i] += server.cpu().saturating_sub(cpu);
+                result.bytes[i] += size;
+                result.rates[i].push(mb_per_s(size, took));
             }
         }
     }
-    let child = command.spawn().expect("start ferry");
-    wait_for_port(port, "ferry");
-    Server { child, base: format!("http://127.0.0.1:{port}"), backing: backing.clone(), _dir: dir }
-}
-
-/// moto_server, a real S3 API, from the PATH or tests/clients/.venv.
-fn start_moto() -> Option<(Child, String)> {
-    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/.venv/bin/moto_server");
-    let program = if std::path::Path::new(venv).exists() { venv.to_string() } else { "moto_server".to_string() };
-    let port = free_port();
-    let child = Command::new(program)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    wait_for_port(port, "moto_server");
-    Some((child, format!("http://127.0.0.1:{port}")))
-}
-
-/// Azurite's Blob service (from tests/azurite or the PATH), keeping its data in `dir`.
-fn start_azurite(dir: &std::path::Path) -> Option<(Child, String)> {
-    let local = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/azurite/node_modules/.bin/azurite-blob");
-    let program = if std::path::Path::new(local).exists() { local.to_string() } else { "azurite-blob".to_string() };
-    let port = free_port();
-    let child = Command::new(program)
-        .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string(), "--location"])
-        .arg(dir)
-        .args(["--silent", "--disableTelemetry", "--skipApiVersionCheck"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    wait_for_port(port, "Azurite");
-    Some((child, format!("http://127.0.0.1:{port}")))
-}
-
-/// Peak resident memory of a process, in bytes (`VmHWM`).
-fn peak_rss(pid: u32) -> usize {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-struct Run {
-    seconds: f64,
-    first_patch: Duration,
-    last_patch: Duration,
-    /// From the last PATCH's answer to the upload being downloadable.
-    completion: Duration,
-}
-
-async fn upload(client: &reqwest::Client, base: &str, size: usize, chunk: usize, data: &[u8]) -> Run {
-    let response = client
-        .post(format!("{base}/files/"))
-        .header("Tus-Resumable", "1.0.0")
-        .header("Upload-Length", size.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let url = response.headers()["location"].to_str().unwrap().to_string();
-    let started = Instant::now();
-    let (mut first_patch, mut last_patch) = (Duration::ZERO, Duration::ZERO);
-    let mut offset = 0;
-    while offset < size {
-        let len = chunk.min(size - offset);
-        let body = data[..len].to_vec();
-        let sent = Instant::now();
-        let response = client
-            .patch(&url)
-            .header("Tus-Resumable", "1.0.0")
-            .header("Upload-Offset", offset.to_string())
-            .header("Content-Type", "application/offset+octet-stream")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 204);
-        let took = sent.elapsed();
-        if offset == 0 {
-            first_patch = took;
+    println!(
+        "{:<26} {:>12} {:>12} {:>16} {:>16}",
+        "server", "MB/s 8 MiB", "MB/s 1 MiB", "CPU s/GiB 8 MiB", "CPU s/GiB 1 MiB"
+    );
+    let mut medians = Vec::new();
+    for (server, result) in servers.iter().zip(results.iter_mut()) {
+        let m = [median(&mut result.rates[0]), median(&mut result.rates[1])];
+        let cpu = [0, 1].map(|i| result.cpu[i].as_secs_f64() / (result.bytes[i] as f64 / GIB));
+        println!("{:<26} {:>12.0} {:>12.0} {:>16.2} {:>16.2}", server.name, m[0], m[1], cpu[0], cpu[1]);
+        medians.push((server.name.clone(), m, cpu));
+    }
+    let find = |name: &str| medians.iter().find(|(n, _, _)| n.starts_with(name)).map(|(_, m, c)| (*m, *c));
+    let (a, _) = find("(a)").unwrap();
+    let (b, _) = find("(b)").unwrap();
+    let (ferry, ferry_cpu) = find("ferry, SQLite").unwrap();
+    targets.ratio("single upload, 8 MiB chunks: ferry / (a) >= 0.6", ferry[0] / a[0], 0.6);
+    targets.ratio("single upload, 1 MiB chunks: ferry / (a) >= 0.5", ferry[1] / a[1], 0.5);
+    targets.ratio("single upload, 8 MiB chunks: ferry / (b) >= 1.2", ferry[0] / b[0], 1.2);
+    match find("rustus") {
+        Some((rustus, _)) => {
+            targets.ratio("single upload, 8 MiB chunks: ferry / rustus >= 1.0", ferry[0] / rustus[0], 1.0);
+            targets.ratio("single upload, 1 MiB chunks: ferry / rustus >= 1.0", ferry[1] / rustus[1], 1.0);
         }
-        offset += len;
-        if offset == size {
-            last_patch = took;
+        None => targets.missing("ferry / rustus >= 1.0 (both chunk sizes)", "rustus not installed"),
+    }
+    println!(
+        "SHA-256 alone: {:.2} CPU s/GiB on this machine (one thread, in the benchmark process)",
+        sha256_alone(&data)
+    );
+    targets.at_most("server CPU per GiB with SHA-256, 8 MiB chunks <= 1.1 s", ferry_cpu[0], 1.1, "s");
+    match find("ferry, PostgreSQL") {
+        Some((pg, _)) => {
+            targets.ratio("PostgreSQL / SQLite, 8 MiB chunks >= 0.9", pg[0] / ferry[0], 0.9);
+            targets.ratio("PostgreSQL / SQLite, 1 MiB chunks >= 0.9", pg[1] / ferry[1], 0.9);
         }
+        None => targets.missing("PostgreSQL / SQLite >= 0.9", "no PostgreSQL"),
     }
-    let answered = Instant::now();
-    loop {
-        let ready = client.get(&url).header("Range", "bytes=0-0").send().await.unwrap().status();
-        if ready.is_success() {
-            break;
-        }
-        assert!(answered.elapsed() < Duration::from_secs(600), "the upload never completed");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let completion = answered.elapsed();
-    Run { seconds: started.elapsed().as_secs_f64(), first_patch, last_patch, completion }
+    Some(ferry[0])
 }
 
-/// The reference: the same chunks written to a file, with an fsync per chunk as ferry does.
-fn reference_write(dir: &std::path::Path, size: usize, chunk: usize, data: &[u8]) -> f64 {
-    let path = dir.join("reference.bin");
-    let mut file = std::fs::File::create(&path).unwrap();
+async fn concurrency(scratch: &Path, single: Option<f64>, targets: &mut Targets) {
+    let size = env_number("FERRY_BENCH_FILE_MIB", 256) * MIB;
+    let data = test_data(size);
+    let server = servers::ferry("ferry, SQLite", scratch, None, &[], &[]);
+    let single = match single {
+        Some(rate) => rate,
+        None => mb_per_s(size, client::timed_upload(server.addr, &server.base_path, &data, 8 * MIB).await),
+    };
+    server.reset_peak_rss();
     let started = Instant::now();
-    let mut offset = 0;
-    while offset < size {
-        let len = chunk.min(size - offset);
-        file.write_all(&data[..len]).unwrap();
-        file.sync_data().unwrap();
-        offset += len;
+    let uploads = (0..8).map(|_| {
+        let data = data.clone();
+        let (addr, base) = (server.addr, server.base_path.clone());
+        tokio::spawn(async move { client::timed_upload(addr, &base, &data, 8 * MIB).await })
+    });
+    for upload in futures_util::future::join_all(uploads).await {
+        upload.unwrap();
     }
-    let seconds = started.elapsed().as_secs_f64();
-    let _ = std::fs::remove_file(path);
-    seconds
+    let aggregate = mb_per_s(8 * size, started.elapsed());
+    let peak = server.peak_rss() as f64 / MIB as f64;
+    println!("\n== concurrency: 8 uploads of {} MiB at once, 8 MiB chunks, ferry on SQLite", size / MIB);
+    println!("aggregate {aggregate:.0} MB/s, one upload alone {single:.0} MB/s; ferry's peak RSS {peak:.1} MiB");
+    targets.ratio("8 concurrent uploads: aggregate / one upload >= 1.0", aggregate / single, 1.0);
+    targets.at_most("8 concurrent uploads: ferry's peak RSS <= 64 MiB", peak, 64.0, "MiB");
 }
 
-/// The object store reference: the same bytes written straight to the same store as one
-/// multipart upload of 8 MiB parts (what any uploader has to do at least; on Azure, Put Block
-/// calls and one Put Block List). Returns the whole time and the time of the store's own
-/// completion, which ferry's completion cannot beat.
-async fn reference_multipart(
-    store: &dyn object_store::multipart::MultipartStore,
-    size: usize,
-    data: &[u8],
-) -> (f64, Duration) {
-    use object_store::{PutPayload, path::Path};
-    let path = Path::from("reference.bin");
+async fn slow(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
+    const UPLOADS: usize = 1000;
+    const SIZE: usize = MIB;
+    const PIECE: usize = 16 * 1024;
+    let label = if postgres.is_some() { "PostgreSQL" } else { "SQLite" };
+    let server = servers::ferry(&format!("ferry, {label}"), scratch, postgres, &[], &[]);
+    let pool = test_data(8 * MIB);
+    server.reset_peak_rss();
     let started = Instant::now();
-    let id = store.create_multipart(&path).await.unwrap();
-    let mut parts = Vec::new();
-    let mut offset = 0;
-    while offset < size {
-        let len = (8 * MIB).min(size - offset);
-        let payload = PutPayload::from(bytes::Bytes::copy_from_slice(&data[..len]));
-        parts.push(store.put_part(&path, &id, parts.len(), payload).await.unwrap());
-        offset += len;
-    }
-    let completing = Instant::now();
-    store.complete_multipart(&path, &id, parts).await.unwrap();
-    let complete = completing.elapsed();
-    (started.elapsed().as_secs_f64(), complete)
-}
-
-/// The S3 client of the bench bucket.
-fn s3_store(endpoint: &str) -> object_store::aws::AmazonS3 {
-    object_store::aws::AmazonS3Builder::new()
-        .with_endpoint(endpoint)
-        .with_allow_http(true)
-        .with_bucket_name("bench")
-        .with_region("us-east-1")
-        .with_access_key_id("bench")
-        .with_secret_access_key("bench")
-        .build()
-        .unwrap()
-}
-
-#[tokio::main]
-async fn main() {
-    // `cargo test --all-targets` runs benches once as tests, without `--bench`: nothing to do then.
-    if !std::env::args().any(|a| a == "--bench") {
-        return;
-    }
-    let sizes: Vec<usize> = std::env::var("FERRY_BENCH_SIZES")
-        .unwrap_or_else(|_| "64,1024".into())
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (paths_tx, mut paths_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let uploads: Vec<_> = (0..UPLOADS)
+        .map(|i| {
+            let data = pool.slice(i * 7919 % (7 * MIB)..).slice(..SIZE);
+            let (addr, base) = (server.addr, server.base_path.clone());
+            let paths = paths_tx.clone();
+            tokio::spawn(async move {
+                // Spread the starts over a second, as real clients arrive.
+                tokio::time::sleep(Duration::from_micros(i as u64 * 1000)).await;
+                let mut conn = client::Conn::open(addr).await;
+                let path = client::create(&mut conn, &base, SIZE).await;
+                let _ = paths.send(path.clone());
+                let body = client::paced(data.clone(), PIECE, Duration::from_millis(125));
+                client::patch(&mut conn, &path, 0, SIZE, body).await;
+                let answer = conn.send("GET", &path, &[], client::empty()).await;
+                (answer.status == 200 && answer.body == data, path)
+            })
+        })
         .collect();
-    let data: Vec<u8> = (0..8 * MIB).map(|i| (i * 31 % 251) as u8).collect();
-    let client = reqwest::Client::new();
-    let scratch = tempfile::tempdir_in("target").unwrap();
-    println!(
-        "{:>6} {:>8} {:>6} {:>10} {:>10} {:>6} {:>11} {:>11} {:>10} {:>11} {:>11} {:>6}",
-        "store",
-        "file",
-        "chunk",
-        "ferry",
-        "reference",
-        "ratio",
-        "first PATCH",
-        "last PATCH",
-        "last/first",
-        "completion",
-        "store's own",
-        "ratio"
-    );
-
-    let server = start_server(&Backing::Disk);
-    let baseline_rss = peak_rss(server.child.id());
-    rows(&client, &server, "disk", &sizes, &data, scratch.path()).await;
-    let peak = peak_rss(server.child.id());
-    drop(server);
-
-    match start_moto() {
-        Some((mut moto, endpoint)) => {
-            let created = client.put(format!("{endpoint}/bench")).send().await.unwrap();
-            assert!(created.status().is_success(), "could not create the bench bucket");
-            let server = start_server(&Backing::S3(endpoint));
-            rows(&client, &server, "s3", &sizes, &data, scratch.path()).await;
-            drop(server);
-            let _ = moto.kill();
-            let _ = moto.wait();
-        }
-        None => println!("(no S3 rows: moto_server is not installed; `bash tests/run` installs it)"),
-    }
-
-    let azurite_data = tempfile::tempdir_in("target").unwrap();
-    match start_azurite(azurite_data.path()) {
-        Some((mut azurite, endpoint)) => {
-            azurite::create_container(&client, &endpoint, "bench").await;
-            let server = start_server(&Backing::Azure(endpoint));
-            rows(&client, &server, "azure", &sizes, &data, scratch.path()).await;
-            drop(server);
-            let _ = azurite.kill();
-            let _ = azurite.wait();
-        }
-        None => println!("(no Azure rows: Azurite is not installed; `bash tests/run` installs it)"),
-    }
-    println!(
-        "disk server peak RSS: {:.1} MiB at start, {:.1} MiB after all uploads; growth / largest chunk (8 MiB) = {:.2}",
-        baseline_rss as f64 / MIB as f64,
-        peak as f64 / MIB as f64,
-        peak.saturating_sub(baseline_rss) as f64 / (8 * MIB) as f64
-    );
-}
-
-async fn rows(
-    client: &reqwest::Client,
-    server: &Server,
-    store: &str,
-    sizes: &[usize],
-    data: &[u8],
-    scratch: &std::path::Path,
-) {
-    for &size_mib in sizes {
-        for chunk_mib in [1usize, 8] {
-            let (size, chunk) = (size_mib * MIB, chunk_mib * MIB);
-            let run = upload(client, &server.base, size, chunk, data).await;
-            let (reference, store_complete) = match &server.backing {
-                Backing::Disk => (reference_write(scratch, size, chunk, data), None),
-                Backing::S3(endpoint) => {
-                    let (seconds, complete) = reference_multipart(&s3_store(endpoint), size, data).await;
-                    (seconds, Some(complete))
+    drop(paths_tx);
+    // Meanwhile, HEAD requests on the uploads in flight, one after the other.
+    let prober = {
+        let (addr, done) = (server.addr, done.clone());
+        tokio::spawn(async move {
+            let mut known = Vec::new();
+            let mut latencies = Vec::new();
+            let mut conn = client::Conn::open(addr).await;
+            let mut n = 0usize;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                while let Ok(path) = paths_rx.try_recv() {
+                    known.push(path);
                 }
-                Backing::Azure(endpoint) => {
-                    let (seconds, commit) =
-                        reference_multipart(&azurite::container_store(endpoint, "bench"), size, data).await;
-                    (seconds, Some(commit))
+                if known.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
                 }
-            };
-            let rate = |s: f64| size as f64 / MIB as f64 / s;
-            println!(
-                "{:>6} {:>5}MiB {:>3}MiB {:>6.0}MB/s {:>6.0}MB/s {:>6.2} {:>9.1}ms {:>9.1}ms {:>10.2} {:>9.1}ms {}",
-                store,
-                size_mib,
-                chunk_mib,
-                rate(run.seconds),
-                rate(reference),
-                reference / run.seconds,
-                run.first_patch.as_secs_f64() * 1000.0,
-                run.last_patch.as_secs_f64() * 1000.0,
-                run.last_patch.as_secs_f64() / run.first_patch.as_secs_f64(),
-                run.completion.as_secs_f64() * 1000.0,
-                store_complete.map_or(String::new(), |c| format!(
-                    "{:>9.1}ms {:>6.2}",
-                    c.as_secs_f64() * 1000.0,
-                    run.completion.as_secs_f64() / c.as_secs_f64()
-                )),
-            );
-        }
+                n = (n + 7) % known.len();
+                let sent = Instant::now();
+                client::head(&mut conn, &known[n]).await;
+                latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            latencies
+        })
+    };
+    let mut exact = 0;
+    let mut paths = Vec::new();
+    for upload in uploads {
+        let (ok, path) = upload.await.unwrap();
+        exact += usize::from(ok);
+        paths.push(path);
+    }
+    let took = started.elapsed();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut latencies = prober.await.unwrap();
+    let peak = server.peak_rss() as f64 / MIB as f64;
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let p99 = latencies.get(latencies.len() * 99 / 100).copied().unwrap_or(f64::NAN);
+    let p50 = latencies.get(latencies.len() / 2).copied().unwrap_or(f64::NAN);
+    println!(
+        "\n== slow: {UPLOADS} uploads of 1 MiB at once, bodies at 128 KiB/s, ferry on {label}\n\
+         {exact} of {UPLOADS} complete and byte-exact in {:.1} s; ferry's peak RSS {peak:.1} MiB; \
+         {} HEADs meanwhile: p50 {p50:.1} ms, p99 {p99:.1} ms",
+        took.as_secs_f64(),
+        latencies.len()
+    );
+    targets.check(
+        &format!("1,000 slow uploads on {label}: all complete byte-exact"),
+        exact == UPLOADS,
+        format!("{exact} of {UPLOADS}"),
+    );
+    targets.at_most(&format!("1,000 slow uploads on {label}: ferry's peak RSS <= 256 MiB"), peak, 256.0, "MiB");
+    targets.at_most(&format!("1,000 slow uploads on {label}: p99 HEAD latency <= 50 ms"), p99, 50.0, "ms");
+    let mut conn = client::Conn::open(server.addr).await;
+    for path in paths {
+        let _ = conn.send("DELETE", &path, &[("tus-resumable", "1.0.0".into())], client::empty()).await;
     }
 }

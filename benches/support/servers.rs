@@ -1,0 +1,162 @@
+//! The servers measured, each a process of its own whose CPU time and peak memory are read from
+//! `/proc`: ferry (release build), the reference receivers, and rustus when it is installed.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+pub struct Server {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// The tus endpoint's path.
+    pub base_path: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited at start: {status}");
+        }
+        assert!(Instant::now() < deadline, "{what} did not start listening on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Server {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time the process used so far (user + system, all threads, those ended included).
+    pub fn cpu(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) in parentheses.
+        let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+        let ticks: u64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0)
+            + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        Duration::from_millis(ticks * 1000 / clock_ticks())
+    }
+
+    /// Peak resident memory since start or since [`Server::reset_peak_rss`], in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// Starts a new peak-memory measurement (`VmHWM` falls back to the current resident size).
+    pub fn reset_peak_rss(&self) {
+        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.pid()), "5");
+    }
+}
+
+fn clock_ticks() -> u64 {
+    // sysconf(_SC_CLK_TCK) is 100 on every Linux this runs on; getconf says so when present.
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100)
+}
+
+/// ferry's release binary, on SQLite (`database: None`) or the given PostgreSQL URL, storing in
+/// a fresh folder under `scratch`, with extra arguments and environment.
+pub fn ferry(name: &str, scratch: &Path, database: Option<&str>, extra: &[String], env: &[(String, String)]) -> Server {
+    let dir = tempfile::tempdir_in(scratch).unwrap();
+    let port = free_port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    command.args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"]).arg(dir.path());
+    if let Some(url) = database {
+        command.args(["--database-url", url]);
+    }
+    command.args(extra).env("FERRY_LOG", "warn").stdout(Stdio::null());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut child = command.spawn().expect("start ferry");
+    wait_for_port(port, name, &mut child);
+    Server {
+        name: name.to_string(),
+        addr: ([127, 0, 0, 1], port).into(),
+        base_path: "/files/".into(),
+        child,
+        _dir: dir,
+    }
+}
+
+/// A reference receiver (this benchmark binary with `--reference-server`).
+pub fn reference(name: &str, scratch: &Path, sha: bool) -> Server {
+    let dir = tempfile::tempdir_in(scratch).unwrap();
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command.arg("--reference-server").arg(dir.path());
+    if sha {
+        command.arg("--sha");
+    }
+    let mut child = command.stdout(Stdio::piped()).spawn().expect("start the reference receiver");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port: u16 = line.trim().strip_prefix("listening ").and_then(|p| p.parse().ok()).expect("a port");
+    Server {
+        name: name.to_string(),
+        addr: ([127, 0, 0, 1], port).into(),
+        base_path: "/files/".into(),
+        child,
+        _dir: dir,
+    }
+}
+
+/// rustus, when a `rustus` binary is on the PATH (or where `cargo install rustus --root
+/// ~/.cache/ferry/rustus` put it).
+pub fn rustus_binary() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join("rustus")).find(|p| p.is_file()));
+    on_path.or_else(|| {
+        let cache = std::env::var_os("FERRY_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ferry")))?;
+        Some(cache.join("rustus/bin/rustus")).filter(|p| p.is_file())
+    })
+}
+
+/// rustus with its file storage in a fresh folder under `scratch`; bodies up to 16 MiB (its
+/// default of 256 KiB would refuse the benchmark's chunks).
+pub fn rustus(binary: &Path, scratch: &Path) -> Server {
+    let dir = tempfile::tempdir_in(scratch).unwrap();
+    let port = free_port();
+    let mut child = Command::new(binary)
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--url", "/files"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .arg("--info-dir")
+        .arg(dir.path())
+        .args(["--max-body-size", &(16 << 20).to_string(), "--log-level", "ERROR"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start rustus");
+    wait_for_port(port, "rustus", &mut child);
+    Server { name: "rustus".into(), addr: ([127, 0, 0, 1], port).into(), base_path: "/files/".into(), child, _dir: dir }
+}

@@ -220,6 +220,14 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_PRE_CREATE_HEADERS", value_delimiter = ',', default_value = "authorization,cookie")]
     pub pre_create_headers: Vec<String>,
 
+    /// Memory all appends of this instance may hold at once (received bytes not yet written and
+    /// hashed; on object stores, the parts being filled and uploaded), whatever the number of
+    /// connections. While it is spent, requests wait and TCP pushes back on their clients; a slow
+    /// connection holds only what it has received. At least 1 MiB, and on object stores at least
+    /// two parts.
+    #[arg(long, env = "FERRY_MEMORY_BUDGET", default_value = "64MiB", value_parser = parse_size)]
+    pub memory_budget: u64,
+
     /// How often the background sweeper looks for expired uploads and leftover bytes.
     #[arg(long, env = "FERRY_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub sweep_interval: Duration,

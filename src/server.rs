@@ -58,7 +58,9 @@ impl App {
             sweep_interval: args.sweep_interval,
             public_url: args.public_url(),
             base_path: args.base_path.clone(),
+            memory_budget: args.memory_budget,
         };
+        check_budget(args, store.as_ref())?;
         let metrics = Metrics::new();
         let store: Arc<dyn Store> = Arc::new(Instrumented::new(store, metrics.clone()));
         let uploads = Uploads::new(repo, store, settings, metrics);
@@ -101,6 +103,29 @@ impl App {
         let metrics_router = http::metrics_router(state);
         Ok(Self { uploads, router, metrics_router })
     }
+}
+
+/// The memory budget must let an append go on whatever the others do: more than the largest
+/// frame the HTTP layer hands over, and on object stores two of the largest parts (one filling
+/// while one uploads).
+fn check_budget(args: &ServeArgs, store: &dyn Store) -> anyhow::Result<()> {
+    let minimum = crate::uploads::pipeline::MIN_BUDGET;
+    if args.memory_budget < minimum {
+        anyhow::bail!("--memory-budget must be at least {minimum} bytes (1 MiB), not {}", args.memory_budget);
+    }
+    if let Some(part) = store.largest_part(args.max_size)
+        && args.memory_budget < 2 * part
+    {
+        anyhow::bail!(
+            "--memory-budget {} is too small for this object store: uploads of up to --max-size {} use parts of \
+             {part} bytes, and an append needs room for two; raise --memory-budget to at least {} or lower \
+             --max-size or --part-size",
+            args.memory_budget,
+            args.max_size,
+            2 * part
+        );
+    }
+    Ok(())
 }
 
 /// `--download redirect` answers with presigned URLs: make sure at start that the store can make

@@ -32,6 +32,17 @@ pub struct Metrics {
     store_operations: Histograms,
     pool_connections: Gauge,
     pool_idle: Gauge,
+    memory_budget: Gauge,
+    memory_in_use: Gauge,
+}
+
+/// Values read when the metrics are rendered.
+pub struct Readings {
+    pub pool_connections: u32,
+    pub pool_idle: usize,
+    /// `--memory-budget` and how much of it appends hold now.
+    pub memory_budget: u64,
+    pub memory_in_use: u64,
 }
 
 impl Metrics {
@@ -47,6 +58,8 @@ impl Metrics {
             store_operations: Histograms::new_with_constructor(duration_histogram),
             pool_connections: Gauge::default(),
             pool_idle: Gauge::default(),
+            memory_budget: Gauge::default(),
+            memory_in_use: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("uploads_created", "Uploads created", metrics.uploads_created.clone());
@@ -70,6 +83,16 @@ impl Metrics {
         );
         registry.register("db_pool_connections", "Database connections open", metrics.pool_connections.clone());
         registry.register("db_pool_idle_connections", "Database connections idle", metrics.pool_idle.clone());
+        registry.register(
+            "append_memory_budget_bytes",
+            "Memory all appends of this instance may hold at once (--memory-budget)",
+            metrics.memory_budget.clone(),
+        );
+        registry.register(
+            "append_memory_in_use_bytes",
+            "Memory appends hold now: bytes received and not yet stored and hashed",
+            metrics.memory_in_use.clone(),
+        );
         Arc::new(Self { registry, ..metrics })
     }
 
@@ -84,10 +107,12 @@ impl Metrics {
         self.store_operations.get_or_create(&labels).observe(elapsed.as_secs_f64());
     }
 
-    /// The metrics in the Prometheus text format, with the pool gauges read now.
-    pub fn render(&self, pool_connections: u32, pool_idle: usize) -> String {
-        self.pool_connections.set(i64::from(pool_connections));
-        self.pool_idle.set(pool_idle as i64);
+    /// The metrics in the Prometheus text format, with the gauges read now.
+    pub fn render(&self, now: Readings) -> String {
+        self.pool_connections.set(i64::from(now.pool_connections));
+        self.pool_idle.set(now.pool_idle as i64);
+        self.memory_budget.set(now.memory_budget as i64);
+        self.memory_in_use.set(now.memory_in_use as i64);
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text

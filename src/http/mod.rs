@@ -201,8 +201,14 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 /// Prometheus metrics of this instance.
 async fn metrics(State(state): State<AppState>) -> Response {
-    let (connections, idle) = state.uploads.repo().pool_stats();
-    let text = state.uploads.metrics().render(connections, idle);
+    let (pool_connections, pool_idle) = state.uploads.repo().pool_stats();
+    let budget = state.uploads.budget();
+    let text = state.uploads.metrics().render(crate::telemetry::Readings {
+        pool_connections,
+        pool_idle,
+        memory_budget: budget.total(),
+        memory_in_use: budget.in_use(),
+    });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 

@@ -205,7 +205,8 @@ pub async fn create(
     let mut expires_at = upload.expires_at;
     let mut failure = None;
     if with_body {
-        let append = AppendRequest { id: upload.id, offset: 0, length: None, checksum, content_length };
+        let owner = upload.owner.clone();
+        let append = AppendRequest { id: upload.id, offset: 0, length: None, checksum, content_length, owner };
         match state.uploads.append(append, body_stream(body)).await {
             Ok(appended) => {
                 offset = appended.offset;
@@ -239,12 +240,10 @@ pub fn parse_id(id: &str) -> Result<UploadId, ApiError> {
     })
 }
 
-/// With upload tokens, only the token's subject may touch an upload: others get 404.
-pub async fn authorize(state: &AppState, caller: &Option<Extension<Caller>>, id: UploadId) -> Result<(), ApiError> {
-    if let Some(Extension(caller)) = caller {
-        state.uploads.check_owner(id, &caller.owner).await?;
-    }
-    Ok(())
+/// With upload tokens, only the token's subject may touch an upload (others get 404): the owner
+/// the domain checks, in the same read of the upload that serves the request.
+pub fn owner(caller: &Option<Extension<Caller>>) -> Option<&str> {
+    caller.as_ref().map(|Extension(caller)| caller.owner.as_str())
 }
 
 /// HEAD: where an upload stands.
@@ -254,8 +253,7 @@ pub async fn head(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    authorize(&state, &caller, id).await?;
-    let upload = state.uploads.get(id).await?;
+    let upload = state.uploads.status(id, owner(&caller)).await?;
     let mut response = StatusCode::OK.into_response();
     let h = response.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -301,7 +299,6 @@ pub async fn append(
     body: Body,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    authorize(&state, &caller, id).await?;
     headers::require_offset_octet_stream(&request_headers)?;
     let offset = headers::upload_offset(&request_headers)?;
     let length = headers::upload_length(&request_headers)?;
@@ -316,7 +313,8 @@ pub async fn append(
     }
     let checksum: ChecksumPlan = headers::checksum(&request_headers)?;
     let content_length = headers::content_length(&request_headers)?;
-    let request = AppendRequest { id, offset, length, checksum, content_length };
+    let owner = owner(&caller).map(str::to_string);
+    let request = AppendRequest { id, offset, length, checksum, content_length, owner };
     let appended = state.uploads.append(request, body_stream(body)).await?;
     let mut response = StatusCode::NO_CONTENT.into_response();
     response.headers_mut().insert("upload-offset", HeaderValue::from(appended.offset));
@@ -331,7 +329,6 @@ pub async fn terminate(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    authorize(&state, &caller, id).await?;
-    state.uploads.terminate(id).await?;
+    state.uploads.terminate(id, owner(&caller)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

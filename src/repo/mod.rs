@@ -40,6 +40,9 @@ pub struct UploadRow {
     pub owner: Option<String>,
     pub write_gen: i64,
     pub store: StoreUpload,
+    /// How many staged objects the upload has (object stores), so an append knows whether it
+    /// needs to look them up.
+    pub staged_count: i64,
     /// A smaller size limit than `--max-size` for this upload.
     pub size_limit: Option<u64>,
     pub created_at: i64,
@@ -64,13 +67,24 @@ pub struct NewUpload {
     pub expires_at: Option<i64>,
 }
 
-/// The right to append at an offset, taken by [`Repo::lease_append`].
+/// An append's request for the right to write, taken by [`Repo::lease_append`]: granted only
+/// when everything the upload's row can tell about the request is fine.
 #[derive(Debug, Clone)]
-pub struct AppendLease {
-    /// This writer's generation; a newer writer gets a higher one and supersedes this one.
-    pub generation: i64,
-    /// The saved whole-file hash state at the leased offset.
-    pub hash_state: Vec<u8>,
+pub struct Lease {
+    pub id: UploadId,
+    /// The upload's offset must be exactly this.
+    pub offset: u64,
+    /// When set, the upload must belong to this owner.
+    pub owner: Option<String>,
+    /// A length declared with the append: equal to the known one, or (deferred) at most the
+    /// upload's size limit and `max_size`.
+    pub length: Option<u64>,
+    /// The body's size when announced: at most what remains before the length (or the limit).
+    pub content_length: Option<u64>,
+    /// `--max-size`.
+    pub max_size: u64,
+    pub now: i64,
+    pub expires_at: Option<i64>,
 }
 
 /// The result of an append, committed by compare-and-set.
@@ -111,16 +125,12 @@ pub trait Repo: Send + Sync + 'static {
 
     async fn get(&self, id: UploadId) -> Result<Option<UploadRow>>;
 
-    /// Takes the right to append at `offset`: succeeds only while the upload is receiving and its
-    /// offset is exactly `offset`. Every lease bumps the writer generation, so an older request
-    /// still in flight for the same upload loses its right to write and to commit.
-    async fn lease_append(
-        &self,
-        id: UploadId,
-        offset: u64,
-        now: i64,
-        expires_at: Option<i64>,
-    ) -> Result<Option<AppendLease>>;
+    /// Takes the right to append (see [`Lease`]) and returns the upload's row with its new
+    /// writer generation, in one statement: None when the upload refuses this append (unknown,
+    /// another owner's, not receiving, another offset, a length that does not fit). Every lease
+    /// bumps the writer generation, so an older request still in flight for the same upload
+    /// loses its right to write and to commit.
+    async fn lease_append(&self, lease: &Lease) -> Result<Option<UploadRow>>;
 
     /// Moves the offset from `from_offset` to `to_offset` if the writer still holds the newest
     /// generation, recording the append's parts and staged objects in the same transaction;

@@ -14,8 +14,8 @@ use sqlx::{
 use uuid::Uuid;
 
 use super::{
-    AppendCommit, AppendLease, EventOutcome, EventRow, EventState, NewEvent, NewUpload, PartClaim, Repo, RepoError,
-    Result, UploadRow,
+    AppendCommit, EventOutcome, EventRow, EventState, Lease, NewEvent, NewUpload, PartClaim, Repo, RepoError, Result,
+    UploadRow,
 };
 use crate::{
     store::{Part, Staged, StoreUpload},
@@ -56,7 +56,11 @@ impl SqliteRepo {
 }
 
 const COLUMNS: &str = "id, length, upload_offset, metadata, state, concat, concat_parts, hash_state, sha256, \
-                       owner, write_gen, multipart_id, part_size, key_prefix, size_limit, created_at, updated_at, expires_at";
+                       owner, write_gen, multipart_id, part_size, key_prefix, size_limit, staged_count, created_at, updated_at, \
+                       expires_at";
+
+/// An upload's size limit in SQL: its own when smaller than `--max-size` (bound as `$7`).
+const LIMIT: &str = "(CASE WHEN size_limit IS NOT NULL AND size_limit < $7 THEN size_limit ELSE $7 END)";
 
 fn to_i64(value: u64) -> i64 {
     i64::try_from(value).expect("sizes are validated to fit in i64")
@@ -127,6 +131,7 @@ where
             key_prefix: row.try_get("key_prefix")?,
         },
         size_limit: row.try_get::<Option<i64>, _>("size_limit")?.map(|s| s as u64),
+        staged_count: row.try_get("staged_count")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         expires_at: row.try_get("expires_at")?,
@@ -237,28 +242,27 @@ macro_rules! sql_repo {
                 row.as_ref().map(decode).transpose()
             }
 
-            async fn lease_append(
-                &self,
-                id: UploadId,
-                offset: u64,
-                now: i64,
-                expires_at: Option<i64>,
-            ) -> Result<Option<AppendLease>> {
-                let row = sqlx::query(
+            async fn lease_append(&self, lease: &Lease) -> Result<Option<UploadRow>> {
+                // $7 is the upload's limit: its own size limit when smaller than --max-size.
+                let row = sqlx::query(&format!(
                     "UPDATE uploads SET write_gen = write_gen + 1, updated_at = $3, expires_at = $4 \
                      WHERE id = $1 AND upload_offset = $2 AND state = 'receiving' \
-                     RETURNING write_gen, hash_state",
-                )
-                .bind(id.uuid())
-                .bind(to_i64(offset))
-                .bind(now)
-                .bind(expires_at)
+                     AND ($5 IS NULL OR owner = $5) \
+                     AND ($6 IS NULL OR (length IS NULL AND $6 <= {LIMIT}) OR length = $6) \
+                     AND ($8 IS NULL OR $8 <= COALESCE(length, $6, {LIMIT}) - upload_offset) \
+                     RETURNING {COLUMNS}"
+                ))
+                .bind(lease.id.uuid())
+                .bind(to_i64(lease.offset))
+                .bind(lease.now)
+                .bind(lease.expires_at)
+                .bind(&lease.owner)
+                .bind(lease.length.map(to_i64))
+                .bind(to_i64(lease.max_size))
+                .bind(lease.content_length.map(to_i64))
                 .fetch_optional(&self.pool)
                 .await?;
-                row.map(|row| {
-                    Ok(AppendLease { generation: row.try_get("write_gen")?, hash_state: row.try_get("hash_state")? })
-                })
-                .transpose()
+                row.as_ref().map(decode).transpose()
             }
 
             async fn commit_append(&self, c: &AppendCommit) -> Result<bool> {
@@ -267,10 +271,10 @@ macro_rules! sql_repo {
                     (true, false) => "completed",
                     (true, true) => "completing",
                 };
-                let mut tx = self.pool.begin().await?;
-                let result = sqlx::query(
+                let staged_change = c.outcome.staged.len() as i64 - c.outcome.consumed.len() as i64;
+                let update = sqlx::query(
                     "UPDATE uploads SET upload_offset = $4, hash_state = $5, length = COALESCE(length, $6), \
-                     sha256 = $7, state = $8, updated_at = $9, expires_at = $10 \
+                     sha256 = $7, state = $8, updated_at = $9, expires_at = $10, staged_count = staged_count + $11 \
                      WHERE id = $1 AND write_gen = $2 AND upload_offset = $3 AND state = 'receiving' \
                      AND ($6 IS NULL OR length IS NULL OR length = $6)",
                 )
@@ -284,9 +288,17 @@ macro_rules! sql_repo {
                 .bind(state)
                 .bind(c.now)
                 .bind(c.expires_at)
-                .execute(&mut *tx)
-                .await?;
-                if result.rows_affected() != 1 {
+                .bind(staged_change);
+                let alone = c.outcome.parts.is_empty()
+                    && c.outcome.staged.is_empty()
+                    && c.outcome.consumed.is_empty()
+                    && c.events.is_empty();
+                if alone {
+                    // One statement is its own transaction.
+                    return Ok(update.execute(&self.pool).await?.rows_affected() == 1);
+                }
+                let mut tx = self.pool.begin().await?;
+                if update.execute(&mut *tx).await?.rows_affected() != 1 {
                     return Ok(false);
                 }
                 for part in &c.outcome.parts {

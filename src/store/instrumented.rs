@@ -85,6 +85,10 @@ impl Store for Instrumented {
     async fn ping(&self) -> Result<()> {
         timed(&self.metrics, "ping", self.inner.ping()).await
     }
+
+    fn largest_part(&self, max_length: u64) -> Option<u64> {
+        self.inner.largest_part(max_length)
+    }
 }
 
 struct InstrumentedAppender {
@@ -94,8 +98,12 @@ struct InstrumentedAppender {
 
 #[async_trait]
 impl Appender for InstrumentedAppender {
-    async fn write(&mut self, data: Bytes) -> Result<()> {
+    async fn write(&mut self, data: Vec<Bytes>) -> Result<()> {
         timed(&self.metrics, "append_write", self.inner.write(data)).await
+    }
+
+    fn holds_until(&self) -> Option<u64> {
+        self.inner.holds_until()
     }
 
     async fn finish(self: Box<Self>, last: bool) -> Result<AppendOutcome> {

@@ -10,9 +10,8 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io::{self, Read, Seek, SeekFrom, Write},
+    io::{self, IoSlice, Read, Seek, SeekFrom, Write},
     ops::Range,
-    os::unix::fs::FileExt,
     path::PathBuf,
     sync::Arc,
 };
@@ -93,7 +92,7 @@ impl Store for LocalStore {
     }
 
     async fn append(&self, context: AppendContext) -> Result<Box<dyn Appender>> {
-        let AppendContext { id, offset, generation, upload, .. } = context;
+        let AppendContext { id, offset, generation, upload, stop, .. } = context;
         let data_path = self.data_path(id, &upload)?;
         let lock_path = self.lock_path(id, &upload)?;
         let (data, lock) = blocking(move || {
@@ -116,7 +115,7 @@ impl Store for LocalStore {
         })
         .await?
         .ok_or(StoreError::Superseded)?;
-        Ok(Box::new(LocalAppender { data: Arc::new(data), lock: Arc::new(lock), generation, position: offset }))
+        Ok(Box::new(LocalAppender { data: Arc::new(data), lock: Arc::new(lock), generation, position: offset, stop }))
     }
 
     fn completes_in_place(&self) -> bool {
@@ -178,22 +177,27 @@ impl Store for LocalStore {
 }
 
 struct LocalAppender {
+    /// This append's own descriptor of the data file: its file position is this writer's.
     data: Arc<File>,
     lock: Arc<File>,
     generation: i64,
     position: u64,
+    stop: tokio_util::sync::CancellationToken,
 }
 
 #[async_trait]
 impl Appender for LocalAppender {
-    async fn write(&mut self, bytes: Bytes) -> Result<()> {
-        let (data, lock, generation, position) = (self.data.clone(), self.lock.clone(), self.generation, self.position);
-        let len = bytes.len() as u64;
+    async fn write(&mut self, data: Vec<Bytes>) -> Result<()> {
+        let (file, lock, generation, position) = (self.data.clone(), self.lock.clone(), self.generation, self.position);
+        let stop = self.stop.clone();
+        let len: u64 = data.iter().map(|d| d.len() as u64).sum();
         let current = blocking(move || {
             lock.lock()?;
+            // A newer writer registers in the lock file (any instance) or, on this instance,
+            // may not have got there yet but has already told this one to stop.
             let result = read_generation(&lock).and_then(|newest| {
-                if newest == generation {
-                    data.write_all_at(&bytes, position)?;
+                if newest == generation && !stop.is_cancelled() {
+                    write_all_at(&file, &data, position)?;
                     Ok(true)
                 } else {
                     Ok(false)
@@ -215,4 +219,22 @@ impl Appender for LocalAppender {
         blocking(move || data.sync_data()).await?;
         Ok(AppendOutcome::default())
     }
+}
+
+/// Writes `pieces` one after the other from `position`, with as few vectored writes as the
+/// kernel allows (one, usually).
+fn write_all_at(file: &File, pieces: &[Bytes], position: u64) -> io::Result<()> {
+    let mut file = file;
+    file.seek(SeekFrom::Start(position))?;
+    let mut slices: Vec<IoSlice<'_>> = pieces.iter().filter(|p| !p.is_empty()).map(|p| IoSlice::new(p)).collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        match file.write_vectored(slices) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "the file took no more bytes")),
+            Ok(written) => IoSlice::advance_slices(&mut slices, written),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }

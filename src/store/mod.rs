@@ -115,6 +115,9 @@ pub struct AppendContext {
     /// Staged bytes that end at `offset`, in order.
     pub staged: Vec<Staged>,
     pub check: Arc<dyn WriterCheck>,
+    /// Cancelled when a newer append for the same upload took over on this instance: a write
+    /// that was waiting for its turn must not happen then.
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// What an append made durable, to be committed with the new offset.
@@ -176,6 +179,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks that the store answers.
     async fn ping(&self) -> Result<()>;
+
+    /// The size of the parts an upload of `max_length` bytes is cut into, on stores that keep a
+    /// part in memory until it is uploaded; None for local disk.
+    fn largest_part(&self, _max_length: u64) -> Option<u64> {
+        None
+    }
 }
 
 /// A staged object found in the store.
@@ -189,11 +198,22 @@ pub struct StagedObject {
 /// An append in progress.
 #[async_trait]
 pub trait Appender: Send {
-    /// Writes the next bytes. Returns [`StoreError::Superseded`] once a newer writer took over.
-    async fn write(&mut self, data: Bytes) -> Result<()>;
+    /// Writes the next bytes, in order (several received frames at once, so that a backend can
+    /// write them with one vectored call). Returns [`StoreError::Superseded`] once a newer writer
+    /// took over.
+    async fn write(&mut self, data: Vec<Bytes>) -> Result<()>;
 
     /// Makes everything written so far durable; `last` when these bytes complete the upload.
     async fn finish(self: Box<Self>, last: bool) -> Result<AppendOutcome>;
+
+    /// How many more bytes this appender keeps in memory after [`Appender::write`] returns
+    /// before it lets go of any (the rest of an object store's part; staged bytes are loaded
+    /// into it too). `None` when written bytes are let go at once (local disk). The caller
+    /// reserves memory for that many bytes at once, so that a part can always be completed
+    /// once begun.
+    fn holds_until(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Reads an object, or a range of it, as a stream; its size comes with it.

@@ -183,12 +183,14 @@ impl Store for ObjectBackend {
                 StoreError::Other(format!("staged bytes of upload {} do not line up with its parts", context.id))
             })?;
         Ok(Box::new(ObjectAppender {
-            store: self.store.clone(),
-            multipart: self.multipart.clone(),
-            check: context.check,
-            path: self.upload_path(context.id, &context.upload),
+            parts: Arc::new(PartTarget {
+                store: self.store.clone(),
+                multipart: self.multipart.clone(),
+                check: context.check,
+                path: self.upload_path(context.id, &context.upload),
+                multipart_id,
+            }),
             staging: self.key(&format!("staging/{}", context.id)),
-            multipart_id,
             part_size,
             generation: context.generation,
             next_index: part_start / part_size,
@@ -197,6 +199,7 @@ impl Store for ObjectBackend {
             buffer: VecDeque::new(),
             buffered: 0,
             buffer_offset: context.offset,
+            uploading: None,
             outcome: AppendOutcome::default(),
         }))
     }
@@ -284,6 +287,10 @@ impl Store for ObjectBackend {
         format!("{}/{}", self.description, upload.object_path(id))
     }
 
+    fn largest_part(&self, max_length: u64) -> Option<u64> {
+        Some(self.part_size_for(max_length))
+    }
+
     async fn ping(&self) -> Result<()> {
         match self.store.head(&self.key(".ferry-ping")).await {
             Ok(_) | Err(object_store::Error::NotFound { .. }) => Ok(()),
@@ -292,16 +299,64 @@ impl Store for ObjectBackend {
     }
 }
 
-struct ObjectAppender {
+/// Where an append's parts go, shared with the tasks that upload them.
+struct PartTarget {
     store: Arc<dyn ObjectStore>,
     multipart: Arc<dyn MultipartStore>,
     check: Arc<dyn WriterCheck>,
     path: Path,
-    staging: Path,
     multipart_id: String,
+}
+
+/// A part in the store, and the staged objects it merged (which can go once it is committed).
+struct Uploaded {
+    part: Part,
+    consumed: Vec<String>,
+}
+
+/// A part on its way to the store: its index, the staged objects it merges, and its bytes.
+struct PartUpload {
+    index: u64,
+    staged: Vec<Staged>,
+    chunks: Vec<Bytes>,
+}
+
+impl PartTarget {
+    /// Uploads a part while this writer holds the right to (see [`WriterCheck`]).
+    async fn upload(&self, part: PartUpload) -> Result<Uploaded> {
+        self.check.begin_part().await?;
+        let uploaded = self.put(part).await;
+        self.check.end_part().await;
+        uploaded
+    }
+
+    async fn put(&self, part: PartUpload) -> Result<Uploaded> {
+        let mut chunks: Vec<Bytes> = Vec::with_capacity(part.staged.len() + part.chunks.len());
+        for staged in &part.staged {
+            let bytes = self.store.get(&Path::from(staged.key.as_str())).await?.bytes().await?;
+            if bytes.len() as u64 != staged.size {
+                return Err(StoreError::Other(format!("staged object {} has the wrong size", staged.key)));
+            }
+            chunks.push(bytes);
+        }
+        chunks.extend(part.chunks);
+        let size = chunks.iter().map(|c| c.len() as u64).sum();
+        let payload = PutPayload::from_iter(chunks);
+        let uploaded = self.multipart.put_part(&self.path, &self.multipart_id, part.index as usize, payload).await?;
+        let consumed = part.staged.into_iter().map(|s| s.key).collect();
+        Ok(Uploaded { part: Part { index: part.index, size, content_id: uploaded.content_id }, consumed })
+    }
+}
+
+/// Appends to a multipart upload: while one part uploads (in a task of its own), the next one
+/// fills from the request, so a PATCH costs about what the store's part uploads cost. At most
+/// two parts are held: the one uploading and the one filling.
+struct ObjectAppender {
+    parts: Arc<PartTarget>,
+    staging: Path,
     part_size: u64,
     generation: i64,
-    /// Index of the next part to upload.
+    /// Index of the next part to cut.
     next_index: u64,
     /// Staged bytes (not loaded) that open the next part.
     staged: Vec<Staged>,
@@ -311,27 +366,28 @@ struct ObjectAppender {
     buffered: u64,
     /// Offset of the first buffered byte.
     buffer_offset: u64,
+    /// The part being uploaded. An append that ends early (superseded, failed) leaves it to
+    /// finish on its own: it releases its part-upload claim when done, and a newer writer
+    /// overwrites the part or the sweeper removes what no row points to.
+    uploading: Option<tokio::task::JoinHandle<Result<Uploaded>>>,
     outcome: AppendOutcome,
 }
 
 impl ObjectAppender {
-    /// Uploads the next part: the staged bytes, then `from_buffer` bytes of this request's.
-    async fn upload_part(&mut self, from_buffer: u64) -> Result<()> {
-        self.check.begin_part().await?;
-        let uploaded = self.put_next_part(from_buffer).await;
-        self.check.end_part().await;
-        uploaded
+    /// Waits for the part in flight, recording it in the outcome.
+    async fn settle(&mut self) -> Result<()> {
+        if let Some(task) = self.uploading.take() {
+            let uploaded = task.await.map_err(|e| StoreError::Other(format!("part upload task failed: {e}")))??;
+            self.outcome.parts.push(uploaded.part);
+            self.outcome.consumed.extend(uploaded.consumed);
+        }
+        Ok(())
     }
 
-    async fn put_next_part(&mut self, from_buffer: u64) -> Result<()> {
-        let mut chunks: Vec<Bytes> = Vec::new();
-        for staged in &self.staged {
-            let bytes = self.store.get(&Path::from(staged.key.as_str())).await?.bytes().await?;
-            if bytes.len() as u64 != staged.size {
-                return Err(StoreError::Other(format!("staged object {} has the wrong size", staged.key)));
-            }
-            chunks.push(bytes);
-        }
+    /// Cuts the next part from the staged bytes and `from_buffer` of this request's bytes, and
+    /// starts uploading it once the part before it is in.
+    async fn start_part(&mut self, from_buffer: u64) -> Result<()> {
+        let mut chunks = Vec::new();
         let mut needed = from_buffer;
         while needed > 0 {
             let Some(mut front) = self.buffer.pop_front() else { break };
@@ -342,27 +398,28 @@ impl ObjectAppender {
             needed -= front.len() as u64;
             chunks.push(front);
         }
-        let size = self.staged_len + from_buffer;
-        let payload = PutPayload::from_iter(chunks);
-        let part = self.multipart.put_part(&self.path, &self.multipart_id, self.next_index as usize, payload).await?;
-        self.outcome.parts.push(Part { index: self.next_index, size, content_id: part.content_id });
-        self.outcome.consumed.extend(self.staged.drain(..).map(|s| s.key));
+        let part = PartUpload { index: self.next_index, staged: std::mem::take(&mut self.staged), chunks };
         self.staged_len = 0;
         self.buffered -= from_buffer;
         self.buffer_offset += from_buffer;
         self.next_index += 1;
+        self.settle().await?;
+        let target = self.parts.clone();
+        self.uploading = Some(tokio::spawn(async move { target.upload(part).await }));
         Ok(())
     }
 }
 
 #[async_trait]
 impl Appender for ObjectAppender {
-    async fn write(&mut self, data: Bytes) -> Result<()> {
-        self.buffered += data.len() as u64;
-        self.buffer.push_back(data);
+    async fn write(&mut self, data: Vec<Bytes>) -> Result<()> {
+        for piece in data {
+            self.buffered += piece.len() as u64;
+            self.buffer.push_back(piece);
+        }
         while self.staged_len + self.buffered >= self.part_size {
             let from_buffer = self.part_size - self.staged_len;
-            self.upload_part(from_buffer).await?;
+            self.start_part(from_buffer).await?;
         }
         Ok(())
     }
@@ -371,14 +428,23 @@ impl Appender for ObjectAppender {
         if last {
             if self.staged_len + self.buffered > 0 {
                 let rest = self.buffered;
-                self.upload_part(rest).await?;
+                self.start_part(rest).await?;
             }
-        } else if self.buffered > 0 {
-            let key = format!("{}/{:020}-{}", self.staging, self.buffer_offset, self.generation);
-            let payload = PutPayload::from_iter(std::mem::take(&mut self.buffer));
-            self.store.put(&Path::from(key.as_str()), payload).await?;
-            self.outcome.staged.push(Staged { key, offset: self.buffer_offset, size: self.buffered });
+            self.settle().await?;
+        } else {
+            self.settle().await?;
+            if self.buffered > 0 {
+                let key = format!("{}/{:020}-{}", self.staging, self.buffer_offset, self.generation);
+                let payload = PutPayload::from_iter(std::mem::take(&mut self.buffer));
+                self.parts.store.put(&Path::from(key.as_str()), payload).await?;
+                self.outcome.staged.push(Staged { key, offset: self.buffer_offset, size: self.buffered });
+            }
         }
-        Ok(self.outcome)
+        Ok(std::mem::take(&mut self.outcome))
+    }
+
+    fn holds_until(&self) -> Option<u64> {
+        // The rest of the part filling now, and the staged bytes it will load.
+        Some(self.part_size - self.buffered)
     }
 }

@@ -1,42 +1,37 @@
 //! The domain: create, append, complete, terminate, expire. No HTTP or SQL types here.
 
+mod append;
 pub mod events;
+pub mod pipeline;
 pub mod types;
 mod worker;
+mod writers;
 
 use std::{
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use bytes::{Bytes, BytesMut};
-use futures_util::{StreamExt, stream::BoxStream};
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    repo::{AppendCommit, NewEvent, NewUpload, PartClaim, Repo, RepoError, UploadRow},
-    store::{AppendContext, Download, Store, StoreError, StoreUpload, WriterCheck},
+    repo::{NewEvent, NewUpload, Repo, RepoError, UploadRow},
+    store::{Download, Store, StoreError, StoreUpload},
     telemetry::Metrics,
 };
 use events::EventKind;
-use types::{
-    Checksum, ChecksumAlgorithm, ChecksumHasher, ChecksumPlan, Concat, FileHasher, Metadata, UploadId, UploadState,
-};
+use types::{Checksum, ChecksumPlan, Concat, FileHasher, Metadata, UploadId, UploadState};
 
+pub use append::COMPLETION_WAIT;
+pub use pipeline::Budget;
 pub use worker::spawn_background;
-
-/// Appends are written to the store in pieces of at most this size: the memory an append holds
-/// is bounded by it, whatever the size of the request body.
-pub const WRITE_BUFFER: usize = 256 * 1024;
 
 /// Staged objects no row points to are deleted once they are this old (younger ones may belong
 /// to a request that is about to commit them).
 pub const ORPHAN_AGE: Duration = Duration::from_secs(600);
-
-/// How long the last PATCH waits for the store to complete the upload before it answers anyway
-/// (the completion goes on in the background).
-pub const COMPLETION_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a presigned download URL stays valid.
 pub const PRESIGNED_URL_TTL: Duration = Duration::from_secs(300);
@@ -53,6 +48,8 @@ pub struct Settings {
     /// The URL clients reach ferry at (for download URLs in events), without the base path.
     pub public_url: String,
     pub base_path: String,
+    /// The bytes all appends of the instance may hold in memory at once (`--memory-budget`).
+    pub memory_budget: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +148,9 @@ pub struct AppendRequest {
     pub checksum: ChecksumPlan,
     /// The body size when the client announced it.
     pub content_length: Option<u64>,
+    /// The caller's identity when uploads have owners (upload tokens): another owner's upload
+    /// is answered as if it did not exist.
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +193,7 @@ impl From<&NewUpload> for UploadRow {
             owner: new.owner.clone(),
             write_gen: 0,
             store: new.store.clone(),
+            staged_count: 0,
             size_limit: new.size_limit,
             created_at: new.now,
             updated_at: new.now,
@@ -236,10 +237,15 @@ pub struct Uploads {
     metrics: Arc<Metrics>,
     /// Cancelled when the instance shuts down: appends still running keep what arrived and end.
     stopping: CancellationToken,
+    /// The appends running on this instance (see [`writers`]).
+    writers: Arc<writers::Writers>,
+    /// The memory all appends of this instance share.
+    budget: Budget,
 }
 
 impl Uploads {
     pub fn new(repo: Arc<dyn Repo>, store: Arc<dyn Store>, settings: Settings, metrics: Arc<Metrics>) -> Self {
+        let settings_budget = settings.memory_budget;
         Self {
             repo,
             store,
@@ -247,7 +253,14 @@ impl Uploads {
             completion_wanted: Arc::new(Notify::new()),
             metrics,
             stopping: CancellationToken::new(),
+            writers: Arc::default(),
+            budget: Budget::new(settings_budget),
         }
+    }
+
+    /// The memory budget of this instance's appends.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
     }
 
     /// Ends the appends still running (at shutdown): each keeps what arrived, commits it and
@@ -300,18 +313,18 @@ impl Uploads {
         Ok(())
     }
 
-    /// Checks that `owner` owns the upload; another owner's (or an unknown) upload is 404, so
-    /// that ids of others' uploads reveal nothing.
-    pub async fn check_owner(&self, id: UploadId, owner: &str) -> Result<()> {
-        match self.repo.get(id).await? {
-            Some(row) if row.owner.as_deref() == Some(owner) => Ok(()),
-            _ => Err(UploadError::NotFound("no upload with this id".into())),
-        }
-    }
-
     /// Loads an upload that still exists, mapping unknown and removed ones to 404 and 410.
     async fn load(&self, id: UploadId) -> Result<UploadRow> {
+        self.load_owned(id, None).await
+    }
+
+    /// Like [`Uploads::load`]; with an owner, another owner's upload is 404 too, so that ids of
+    /// others' uploads reveal nothing.
+    async fn load_owned(&self, id: UploadId, owner: Option<&str>) -> Result<UploadRow> {
         match self.repo.get(id).await? {
+            Some(row) if owner.is_some() && row.owner.as_deref() != owner => {
+                Err(UploadError::NotFound("no upload with this id".into()))
+            }
             None => Err(UploadError::NotFound("no upload with this id".into())),
             Some(row) if row.state == UploadState::Terminated => {
                 Err(UploadError::Gone("this upload was terminated".into()))
@@ -321,6 +334,14 @@ impl Uploads {
             }
             Some(row) => Ok(row),
         }
+    }
+
+    /// Where an upload stands, as `owner` (when uploads have owners) may see it. A writer of this
+    /// instance that is committing a body which has just ended is waited for (briefly), so a
+    /// client that resumes at once sees the bytes its cut-off request delivered.
+    pub async fn status(&self, id: UploadId, owner: Option<&str>) -> Result<Upload> {
+        self.writers.settled(id).await;
+        self.load_owned(id, owner).await.map(Upload::from)
     }
 
     pub async fn get(&self, id: UploadId) -> Result<Upload> {
@@ -433,145 +454,6 @@ impl Uploads {
         Ok(total)
     }
 
-    /// Streams a request body into the store at the client's offset and commits the new offset
-    /// by compare-and-set. A body cut off mid-way keeps what arrived (unless a checksum was asked
-    /// for, which a partial body cannot satisfy).
-    pub async fn append(&self, request: AppendRequest, body: BodyStream) -> Result<Appended> {
-        // The append runs in a task of its own, so the bytes that arrived are stored and
-        // committed even if the connection (and the request future with it) goes away mid-body.
-        let uploads = self.clone();
-        tokio::spawn(async move {
-            let mut body = body;
-            let result = uploads.append_here(request, &mut body).await;
-            if matches!(result, Err(ref e) if e.body_may_still_arrive()) {
-                // Read what the client is still sending, so that it hears the answer instead
-                // of a connection reset mid-upload (bounded: a request is at most one chunk).
-                drain(&mut body, DRAIN_LIMIT, uploads.settings.idle_timeout).await;
-            }
-            result
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("append task failed: {e}"))?
-    }
-
-    async fn append_here(&self, request: AppendRequest, body: &mut BodyStream) -> Result<Appended> {
-        let row = self.load(request.id).await?;
-        let length = self.check_appendable(&row, &request)?;
-        let remaining = length.unwrap_or(self.limit_of(row.size_limit)) - request.offset;
-        if let Some(content_length) = request.content_length
-            && content_length > remaining
-        {
-            return Err(UploadError::TooLarge(format!(
-                "the body is {content_length} bytes but only {remaining} remain before the upload's length"
-            )));
-        }
-
-        let now = now_ms();
-        let Some(lease) = self.repo.lease_append(request.id, request.offset, now, Some(self.expiry(now))).await? else {
-            // Something changed since we looked: answer from the current state.
-            let row = self.load(request.id).await?;
-            self.check_appendable(&row, &request)?;
-            return Err(superseded());
-        };
-        let hasher = FileHasher::restore(&lease.hash_state).map_err(|e| anyhow::anyhow!(e))?;
-        let staged = if self.store.completes_in_place() { Vec::new() } else { self.repo.staged(request.id).await? };
-        let context = AppendContext {
-            id: request.id,
-            offset: request.offset,
-            generation: lease.generation,
-            upload: row.store.clone(),
-            staged,
-            check: Arc::new(CurrentWriter { repo: self.repo.clone(), id: request.id, generation: lease.generation }),
-        };
-        let appender = self.store.append(context).await?;
-
-        let idle_timeout = self.settings.idle_timeout;
-        // These bytes complete the upload when they reach its (known) length.
-        let completes_after = length.map(|l| l - request.offset);
-        let received = receive(
-            body,
-            appender,
-            hasher,
-            request.checksum,
-            BodyBounds { remaining, completes_after, idle_timeout, stopping: &self.stopping },
-        )
-        .await?;
-
-        let to_offset = request.offset + received.bytes;
-        // A checksum vouches for a whole body: a cut-off or mismatching body is discarded.
-        if received.checksum_ok.is_some_and(|ok| !ok)
-            || (received.checksum_ok.is_some() && !matches!(received.ending, Ending::Complete))
-        {
-            return Err(match received.ending {
-                Ending::Complete => UploadError::ChecksumMismatch,
-                other => other.into_error(idle_timeout).unwrap_or(UploadError::ChecksumMismatch),
-            });
-        }
-        let completes = length == Some(to_offset);
-        let needs_assembly = completes && !self.store.completes_in_place();
-        let consumed = received.outcome.consumed.clone();
-        let sha256 = completes.then(|| received.hasher.clone().finish());
-        let events = if completes && !needs_assembly {
-            let done = UploadRow {
-                offset: to_offset,
-                length: Some(to_offset),
-                sha256,
-                state: UploadState::Completed,
-                ..row.clone()
-            };
-            vec![self.event(EventKind::Completed, &done)]
-        } else {
-            Vec::new()
-        };
-        let commit = AppendCommit {
-            id: request.id,
-            generation: lease.generation,
-            from_offset: request.offset,
-            to_offset,
-            hash_state: received.hasher.save(),
-            length: request.length,
-            sha256,
-            events,
-            needs_assembly,
-            outcome: received.outcome,
-            now: now_ms(),
-            expires_at: (!completes).then(|| self.expiry(now_ms())),
-        };
-        if !self.repo.commit_append(&commit).await? {
-            return Err(superseded());
-        }
-        self.metrics.bytes_received.inc_by(received.bytes);
-        // Staged bytes now live in a part; their objects can go.
-        for key in consumed {
-            if let Err(e) = self.store.delete_staged(&key).await {
-                tracing::warn!(upload = %request.id, error = %e, "could not delete a merged staged object");
-            }
-        }
-        if needs_assembly {
-            // Complete the multipart upload (no byte is copied) without holding up the answer:
-            // the store's side of completing may grow with the file. The state is durable, so if
-            // this fails or the instance dies, the background job finishes it on any instance.
-            let uploads = self.clone();
-            let store = row.store.clone();
-            let completing = tokio::spawn(async move {
-                if let Err(e) = uploads.finish_parts(request.id, &store).await {
-                    tracing::warn!(upload = %request.id, error = %e, "completing the upload failed; retrying in the background");
-                    uploads.completion_wanted.notify_one();
-                }
-            });
-            // Usually quick: wait a little so that the upload is downloadable when the client
-            // hears back, but never longer than a fixed bound.
-            let _ = tokio::time::timeout(COMPLETION_WAIT, completing).await;
-        } else if completes {
-            self.metrics.uploads_completed.inc();
-            tracing::info!(upload = %request.id, length = to_offset, "upload completed");
-        }
-        if let Some(error) = received.ending.into_error(idle_timeout) {
-            return Err(error);
-        }
-        Ok(Appended { offset: to_offset, expires_at: commit.expires_at })
-    }
-
     /// Completes an upload whose parts are all stored (object stores).
     pub(crate) async fn finish_parts(&self, id: UploadId, store: &StoreUpload) -> anyhow::Result<()> {
         let parts = self.repo.parts(id).await?;
@@ -586,48 +468,10 @@ impl Uploads {
         Ok(())
     }
 
-    /// Checks that an upload accepts an append at the request's offset; returns its length
-    /// (the declared one for a deferred upload).
-    fn check_appendable(&self, row: &UploadRow, request: &AppendRequest) -> Result<Option<u64>> {
-        if matches!(row.concat, Concat::Final(_)) {
-            return Err(UploadError::Forbidden(
-                "a final upload is assembled from its partial uploads and cannot be appended to".into(),
-            ));
-        }
-        if row.offset != request.offset {
-            return Err(UploadError::OffsetMismatch { expected: row.offset, provided: request.offset });
-        }
-        if row.state != UploadState::Receiving {
-            return Err(UploadError::Invalid("the upload is already complete".into()));
-        }
-        match (row.length, request.length) {
-            (Some(known), Some(declared)) if known != declared => {
-                Err(UploadError::Invalid(format!("Upload-Length is already {known} and cannot change to {declared}")))
-            }
-            (Some(known), _) => Ok(Some(known)),
-            (None, Some(declared)) => {
-                self.check_size(declared)?;
-                let limit = self.limit_of(row.size_limit);
-                if declared > limit {
-                    return Err(UploadError::TooLarge(format!(
-                        "Upload-Length {declared} is larger than the {limit} bytes this upload may have"
-                    )));
-                }
-                if declared < row.offset {
-                    return Err(UploadError::Invalid(format!(
-                        "Upload-Length {declared} is smaller than the {} bytes already received",
-                        row.offset
-                    )));
-                }
-                Ok(Some(declared))
-            }
-            (None, None) => Ok(None),
-        }
-    }
-
     /// Terminates an upload and deletes its bytes.
-    pub async fn terminate(&self, id: UploadId) -> Result<()> {
-        let row = self.load(id).await?;
+    pub async fn terminate(&self, id: UploadId, owner: Option<&str>) -> Result<()> {
+        self.writers.settled(id).await;
+        let row = self.load_owned(id, owner).await?;
         let events = [self.event(EventKind::Terminated, &row)];
         if !self.repo.terminate(id, now_ms(), &events).await? {
             self.load(id).await?;
@@ -665,10 +509,10 @@ impl Uploads {
         }
     }
 
-    /// Opens a completed upload for reading.
-    /// A completed upload; 409 for one still in progress.
-    pub async fn completed(&self, id: UploadId) -> Result<Upload> {
-        let row = self.load(id).await?;
+    /// A completed upload (as `owner` may see it); 409 for one still in progress.
+    pub async fn completed(&self, id: UploadId, owner: Option<&str>) -> Result<Upload> {
+        self.writers.settled(id).await;
+        let row = self.load_owned(id, owner).await?;
         if row.state != UploadState::Completed {
             return Err(UploadError::Conflict(format!(
                 "the upload is not complete yet ({} of {} bytes received)",
@@ -756,174 +600,4 @@ impl Uploads {
 
 fn empty_sha256() -> [u8; 32] {
     FileHasher::new().finish()
-}
-
-/// What limits a body: how many bytes may come, when they complete the upload, how long it may
-/// stall, and the instance shutting down.
-struct BodyBounds<'a> {
-    remaining: u64,
-    completes_after: Option<u64>,
-    idle_timeout: Duration,
-    stopping: &'a CancellationToken,
-}
-
-/// At most this much of a refused request's body is read and discarded before answering.
-const DRAIN_LIMIT: u64 = 64 << 20;
-
-/// Reads and discards what is left of a body, up to `limit` bytes, while it keeps moving.
-async fn drain(body: &mut BodyStream, limit: u64, idle_timeout: Duration) {
-    let mut read = 0u64;
-    while read < limit {
-        match tokio::time::timeout(idle_timeout, body.next()).await {
-            Ok(Some(Ok(BodyEvent::Data(data)))) => read += data.len() as u64,
-            Ok(Some(Ok(BodyEvent::TrailerChecksum(_)))) => {}
-            _ => break,
-        }
-    }
-}
-
-/// How a body ended.
-enum Ending {
-    Complete,
-    TimedOut,
-    CutOff(String),
-    /// The instance is shutting down.
-    Stopped,
-}
-
-impl Ending {
-    fn into_error(self, idle_timeout: Duration) -> Option<UploadError> {
-        match self {
-            Ending::Complete => None,
-            Ending::TimedOut => Some(UploadError::BodyTimeout(idle_timeout)),
-            Ending::CutOff(reason) => Some(UploadError::BodyCutOff(reason)),
-            Ending::Stopped => Some(UploadError::ShuttingDown),
-        }
-    }
-}
-
-struct Received {
-    bytes: u64,
-    hasher: FileHasher,
-    /// None when no checksum was asked for; otherwise whether the body matched it.
-    checksum_ok: Option<bool>,
-    ending: Ending,
-    outcome: crate::store::AppendOutcome,
-}
-
-/// Answers an object store's question "is this writer still the newest?" from the database.
-struct CurrentWriter {
-    repo: Arc<dyn Repo>,
-    id: UploadId,
-    generation: i64,
-}
-
-/// How long a part-upload claim holds before another writer may assume its holder died.
-const PART_CLAIM: Duration = Duration::from_secs(120);
-
-#[async_trait::async_trait]
-impl WriterCheck for CurrentWriter {
-    async fn begin_part(&self) -> std::result::Result<(), StoreError> {
-        let other = |e: RepoError| StoreError::Other(format!("could not claim the part upload: {e}"));
-        loop {
-            let now = now_ms();
-            let claim = self.repo.claim_part_upload(self.id, self.generation, now, now + PART_CLAIM.as_millis() as i64);
-            match claim.await.map_err(other)? {
-                PartClaim::Granted => return Ok(()),
-                PartClaim::Superseded => return Err(StoreError::Superseded),
-                // An older writer is finishing a part upload: let it land first, then overwrite it.
-                PartClaim::Busy => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
-    }
-
-    async fn end_part(&self) {
-        if let Err(e) = self.repo.release_part_upload(self.id, self.generation).await {
-            tracing::warn!(upload = %self.id, error = %e, "could not release a part-upload claim; it lapses by itself");
-        }
-    }
-}
-
-/// Reads a body through a bounded buffer into the store, hashing on the way.
-async fn receive(
-    body: &mut BodyStream,
-    mut appender: Box<dyn crate::store::Appender>,
-    mut hasher: FileHasher,
-    plan: ChecksumPlan,
-    bounds: BodyBounds<'_>,
-) -> Result<Received> {
-    let BodyBounds { remaining, completes_after, idle_timeout, stopping } = bounds;
-    // With a trailer, the algorithm is only known after the body, so every supported one runs.
-    let mut chunk_hashers: Vec<ChecksumHasher> = match &plan {
-        ChecksumPlan::None => Vec::new(),
-        ChecksumPlan::Header(checksum) => vec![checksum.hasher()],
-        ChecksumPlan::Trailer => ChecksumAlgorithm::ALL.iter().map(|a| a.hasher()).collect(),
-    };
-    let mut expected = match &plan {
-        ChecksumPlan::Header(checksum) => Some(checksum.clone()),
-        _ => None,
-    };
-    let mut buffer = BytesMut::with_capacity(WRITE_BUFFER);
-    let mut bytes: u64 = 0;
-    let ending = loop {
-        let next = tokio::select! {
-            next = tokio::time::timeout(idle_timeout, body.next()) => next,
-            () = stopping.cancelled() => break Ending::Stopped,
-        };
-        let event = match next {
-            Err(_) => break Ending::TimedOut,
-            Ok(None) => break Ending::Complete,
-            Ok(Some(Err(reason))) => break Ending::CutOff(reason),
-            Ok(Some(Ok(event))) => event,
-        };
-        let mut data = match event {
-            BodyEvent::Data(data) => data,
-            BodyEvent::TrailerChecksum(parsed) => {
-                match plan {
-                    ChecksumPlan::Trailer => expected = Some(parsed.map_err(UploadError::Invalid)?),
-                    ChecksumPlan::None => {
-                        return Err(UploadError::Invalid(
-                            "an Upload-Checksum trailer must be announced with 'Trailer: Upload-Checksum'".into(),
-                        ));
-                    }
-                    ChecksumPlan::Header(_) => {}
-                }
-                continue;
-            }
-        };
-        if bytes + data.len() as u64 > remaining {
-            return Err(UploadError::TooLarge(format!(
-                "the body is longer than the {remaining} bytes that remain before the upload's length; nothing was kept"
-            )));
-        }
-        bytes += data.len() as u64;
-        hasher.update(&data);
-        for h in chunk_hashers.iter_mut() {
-            h.update(&data);
-        }
-        while !data.is_empty() {
-            let take = (WRITE_BUFFER - buffer.len()).min(data.len());
-            buffer.extend_from_slice(&data.split_to(take));
-            if buffer.len() == WRITE_BUFFER {
-                appender.write(buffer.split().freeze()).await?;
-            }
-        }
-    };
-    if !buffer.is_empty() {
-        appender.write(buffer.freeze()).await?;
-    }
-    let last = matches!(ending, Ending::Complete) && completes_after == Some(bytes);
-    let outcome = appender.finish(last).await?;
-    let checksum_ok = match (&plan, expected) {
-        (ChecksumPlan::None, _) => None,
-        // An announced trailer that never came cannot vouch for the bytes.
-        (_, None) => Some(false),
-        (_, Some(expected)) => Some(
-            chunk_hashers
-                .into_iter()
-                .find(|h| h.algorithm() == expected.algorithm)
-                .is_some_and(|h| h.finish() == expected.digest),
-        ),
-    };
-    Ok(Received { bytes, hasher, checksum_ok, ending, outcome })
 }

@@ -20,6 +20,7 @@ mod limits;
 mod nginx;
 mod openapi;
 mod patch;
+mod pipeline;
 mod proxies;
 mod proxy_chain;
 mod service;

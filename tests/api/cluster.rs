@@ -1,10 +1,10 @@
 //! Many instances, one database, one store (issue 3): real `ferry serve` processes sharing one
-//! PostgreSQL database and either one local folder or one S3 bucket (moto_server, started by
+//! PostgreSQL database and either one local folder or one S3 bucket (Garage, started by
 //! tests/run). Clients move between instances chunk by chunk, race each other, lose connections,
 //! and see instances killed or stopped under them; the bytes must always come out exact.
 //!
 //! Every test runs on both stores: `cluster::local::*` and `cluster::s3::*`. The S3 ones need
-//! `FERRY_TEST_S3_ENDPOINT` and fail without it.
+//! the `FERRY_TEST_S3_*` settings (see `tests/garage`) and fail without them.
 
 use std::{
     sync::{
@@ -226,6 +226,16 @@ pub(crate) async fn alternating_chunks(storage: Storage) {
                 let location = header(&response, "location");
                 let endpoint = cluster.bucket.as_ref().unwrap().endpoint.clone();
                 assert!(location.starts_with(&endpoint), "redirected to {location}, not to the S3 endpoint {endpoint}");
+                // Garage checks the presigned URL's signature (an unsigned GET is refused).
+                let signed =
+                    plain.get(&location).header("Range", "bytes=100-199").send().await.expect("GET the presigned URL");
+                assert_eq!(
+                    signed.status(),
+                    206,
+                    "a range through the presigned URL: {}",
+                    signed.text().await.unwrap_or_default()
+                );
+                assert_same_bytes("a range through the presigned URL", &signed.bytes().await.unwrap(), &data[100..200]);
             }
             Storage::Azure => {
                 assert_eq!(response.status(), 302, "GET through B (--download redirect)");

@@ -380,58 +380,226 @@ pub fn assert_same_bytes(what: &str, actual: &[u8], expected: &[u8]) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// S3 for the tests: a real S3 API (moto_server, started by tests/run), a fresh bucket per test.
+// S3 for the tests: a real S3 server (Garage, started by tests/run through tests/garage), a fresh
+// bucket per test. Every request is signed with the key tests/garage made.
 
 /// Where the S3 tests find their S3 API: `http://127.0.0.1:PORT`.
 pub const S3_ENDPOINT_VAR: &str = "FERRY_TEST_S3_ENDPOINT";
+/// The access key id the S3 tests sign with; it must be allowed to create buckets.
+pub const S3_KEY_ID_VAR: &str = "FERRY_TEST_S3_KEY_ID";
+/// The secret of that key.
+pub const S3_SECRET_VAR: &str = "FERRY_TEST_S3_SECRET";
+/// The region the S3 API expects in signatures (Garage's `s3_region`).
+pub const S3_REGION_VAR: &str = "FERRY_TEST_S3_REGION";
 /// The key prefix ferry is given in the tests: `--store s3://<bucket>/ferry`.
 pub const S3_PREFIX: &str = "ferry";
-const S3_REGION: &str = "us-east-1";
-const S3_ACCESS_KEY: &str = "ferry-test";
-const S3_SECRET_KEY: &str = "ferry-test-secret";
 
-/// The S3 endpoint the tests use. The S3 tests fail (never skip) without one.
-pub fn s3_endpoint() -> String {
-    match std::env::var(S3_ENDPOINT_VAR) {
-        Ok(value) if !value.trim().is_empty() => value.trim().trim_end_matches('/').to_string(),
-        _ => panic!(
-            "{S3_ENDPOINT_VAR} is not set, and the S3 tests need an S3 API: run tests/run, which starts \
-             moto_server and sets it (or start `moto_server -H 127.0.0.1 -p PORT` yourself and export \
-             {S3_ENDPOINT_VAR}=http://127.0.0.1:PORT)"
-        ),
+/// How to start an S3 API by hand, for the panics below.
+const S3_HOW: &str = "run tests/run, which starts Garage and sets the FERRY_TEST_S3_* variables (or run \
+                      `tests/garage start DIR` yourself, then `set -a; . DIR/env; set +a`, and `tests/garage \
+                      stop DIR` afterwards)";
+
+/// A required setting of the S3 tests. They fail (never skip) without it.
+fn s3_setting(var: &str) -> String {
+    match std::env::var(var) {
+        Ok(value) if !value.trim().is_empty() => value.trim().to_string(),
+        _ => panic!("{var} is not set, and the S3 tests need an S3 API and a key: {S3_HOW}"),
     }
+}
+
+/// The S3 endpoint the tests use.
+pub fn s3_endpoint() -> String {
+    s3_setting(S3_ENDPOINT_VAR).trim_end_matches('/').to_string()
+}
+
+/// The S3 API and the key the tests sign with.
+#[derive(Debug, Clone)]
+pub struct S3Credentials {
+    pub endpoint: String,
+    pub key_id: String,
+    pub secret: String,
+    pub region: String,
+}
+
+impl S3Credentials {
+    pub fn from_env() -> Self {
+        Self {
+            endpoint: s3_endpoint(),
+            key_id: s3_setting(S3_KEY_ID_VAR),
+            secret: s3_setting(S3_SECRET_VAR),
+            region: s3_setting(S3_REGION_VAR),
+        }
+    }
+}
+
+/// Signs S3 requests with AWS Signature Version 4 (for the calls object_store does not make:
+/// CreateBucket, DeleteBucket, ListMultipartUploads, ListParts). The payload is hashed into
+/// `x-amz-content-sha256`, which Garage requires.
+mod sigv4 {
+    use hmac::{KeyInit, Mac};
+    use sha2::{Digest, Sha256};
+
+    /// Characters S3 leaves as they are in a canonical URI or query; everything else is
+    /// percent-encoded (RFC 3986's unreserved set).
+    fn encode(text: &str, keep_slash: bool) -> String {
+        let mut out = String::with_capacity(text.len());
+        for byte in text.bytes() {
+            match byte {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(byte as char),
+                b'/' if keep_slash => out.push('/'),
+                _ => out.push_str(&format!("%{byte:02X}")),
+            }
+        }
+        out
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn hmac(key: &[u8], data: &str) -> Vec<u8> {
+        let mut mac = hmac::Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any size");
+        mac.update(data.as_bytes());
+        mac.finalize().into_bytes().to_vec()
+    }
+
+    /// A signed request: the URL to send it to (with the query in canonical order) and the
+    /// headers to add.
+    pub struct Signed {
+        pub url: String,
+        pub headers: Vec<(&'static str, String)>,
+    }
+
+    /// Signs `method` on `endpoint` + `path` (not yet encoded; starting with `/`) with `query`
+    /// (not yet encoded) and `body`, at `now`.
+    pub fn sign(
+        credentials: &super::S3Credentials,
+        method: &str,
+        path: &str,
+        query: &[(&str, &str)],
+        body: &[u8],
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Signed {
+        let endpoint = url::Url::parse(&credentials.endpoint).expect("the S3 endpoint is a URL");
+        let host = match endpoint.port() {
+            Some(port) => format!("{}:{port}", endpoint.host_str().expect("the S3 endpoint has a host")),
+            None => endpoint.host_str().expect("the S3 endpoint has a host").to_string(),
+        };
+        let uri = encode(path, true);
+        let mut pairs: Vec<(String, String)> =
+            query.iter().map(|(k, v)| (encode(k, false), encode(v, false))).collect();
+        pairs.sort();
+        let canonical_query = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&");
+        let payload = hex(&Sha256::digest(body));
+        let stamp = now.format("%Y%m%dT%H%M%SZ").to_string();
+        let day = now.format("%Y%m%d").to_string();
+
+        let signed_headers = "host;x-amz-content-sha256;x-amz-date";
+        let canonical_request = format!(
+            "{method}\n{uri}\n{canonical_query}\nhost:{host}\nx-amz-content-sha256:{payload}\nx-amz-date:{stamp}\n\n\
+             {signed_headers}\n{payload}"
+        );
+        let scope = format!("{day}/{}/s3/aws4_request", credentials.region);
+        let string_to_sign =
+            format!("AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{}", hex(&Sha256::digest(canonical_request.as_bytes())));
+        let mut key = hmac(format!("AWS4{}", credentials.secret).as_bytes(), &day);
+        for part in [credentials.region.as_str(), "s3", "aws4_request"] {
+            key = hmac(&key, part);
+        }
+        let signature = hex(&hmac(&key, &string_to_sign));
+        let authorization = format!(
+            "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}",
+            credentials.key_id
+        );
+
+        let base = credentials.endpoint.trim_end_matches('/');
+        let url =
+            if canonical_query.is_empty() { format!("{base}{uri}") } else { format!("{base}{uri}?{canonical_query}") };
+        Signed {
+            url,
+            headers: vec![("x-amz-date", stamp), ("x-amz-content-sha256", payload), ("authorization", authorization)],
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        /// The "GET Bucket Lifecycle" example of AWS's documentation of Signature Version 4 for
+        /// S3 (authenticating requests in the Authorization header), which signs exactly the
+        /// headers this signer does, with its published signature.
+        #[test]
+        fn signs_the_example_of_aws_documentation() {
+            let credentials = crate::helpers::S3Credentials {
+                endpoint: "https://examplebucket.s3.amazonaws.com".into(),
+                key_id: "AKIAIOSFODNN7EXAMPLE".into(),
+                secret: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY".into(),
+                region: "us-east-1".into(),
+            };
+            let now = chrono::DateTime::parse_from_rfc3339("2013-05-24T00:00:00Z").unwrap().to_utc();
+            let signed = super::sign(&credentials, "GET", "/", &[("lifecycle", "")], b"", now);
+            assert_eq!(signed.url, "https://examplebucket.s3.amazonaws.com/?lifecycle=");
+            let authorization = &signed.headers.iter().find(|(name, _)| *name == "authorization").unwrap().1;
+            assert_eq!(
+                authorization,
+                "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, \
+                 SignedHeaders=host;x-amz-content-sha256;x-amz-date, \
+                 Signature=fea454ca298b7da1c68078a5d1bdbfbbe0d65c699e0f91ac7a200a0136783543"
+            );
+        }
+    }
+}
+
+/// Sends one signed request to the S3 API: its status and body.
+async fn s3_call(
+    http: &reqwest::Client,
+    credentials: &S3Credentials,
+    method: Method,
+    path: &str,
+    query: &[(&str, &str)],
+) -> Result<(reqwest::StatusCode, String), reqwest::Error> {
+    let signed = sigv4::sign(credentials, method.as_str(), path, query, b"", chrono::Utc::now());
+    let mut request = http.request(method, &signed.url);
+    for (name, value) in signed.headers {
+        request = request.header(name, value);
+    }
+    let response = request.send().await?;
+    let status = response.status();
+    Ok((status, response.text().await?))
 }
 
 /// One test's own bucket on the S3 endpoint; emptied and removed when dropped.
 pub struct S3Bucket {
     pub endpoint: String,
     pub name: String,
+    credentials: S3Credentials,
     store: object_store::aws::AmazonS3,
     http: reqwest::Client,
 }
 
 impl S3Bucket {
-    /// Creates a new, empty bucket (`PUT /<bucket>`; moto takes any credentials).
+    /// Creates a new, empty bucket (CreateBucket with the tests' key, which may create buckets).
     pub async fn create() -> Self {
-        let endpoint = s3_endpoint();
+        let credentials = S3Credentials::from_env();
+        let endpoint = credentials.endpoint.clone();
         let name = format!("ferry-test-{}", uuid::Uuid::new_v4().simple());
         let http = reqwest::Client::new();
-        let response = http
-            .put(format!("{endpoint}/{name}"))
-            .send()
+        let (status, body) = s3_call(&http, &credentials, Method::PUT, &format!("/{name}"), &[])
             .await
             .unwrap_or_else(|e| panic!("the S3 API at {endpoint} ({S3_ENDPOINT_VAR}) does not answer: {e}"));
-        assert!(response.status().is_success(), "CreateBucket {name}: {}", response.status());
+        assert!(
+            status.is_success(),
+            "CreateBucket {name} on {endpoint} with key {} ({S3_KEY_ID_VAR}): {status}: {body}",
+            credentials.key_id
+        );
         let store = object_store::aws::AmazonS3Builder::new()
             .with_endpoint(&endpoint)
             .with_allow_http(true)
             .with_bucket_name(&name)
-            .with_region(S3_REGION)
-            .with_access_key_id(S3_ACCESS_KEY)
-            .with_secret_access_key(S3_SECRET_KEY)
+            .with_region(&credentials.region)
+            .with_access_key_id(&credentials.key_id)
+            .with_secret_access_key(&credentials.secret)
             .build()
             .expect("S3 client for the test bucket");
-        Self { endpoint, name, store, http }
+        Self { endpoint, name, credentials, store, http }
     }
 
     /// The `--store` URL for ferry.
@@ -441,13 +609,14 @@ impl S3Bucket {
 
     /// The environment ferry reads its S3 settings from (object_store's `AmazonS3Builder::from_env`).
     pub fn env(&self) -> Vec<(String, String)> {
+        let c = &self.credentials;
         [
-            ("AWS_ENDPOINT", self.endpoint.as_str()),
+            ("AWS_ENDPOINT", c.endpoint.as_str()),
             ("AWS_ALLOW_HTTP", "true"),
-            ("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY),
-            ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY),
-            ("AWS_REGION", S3_REGION),
-            ("AWS_DEFAULT_REGION", S3_REGION),
+            ("AWS_ACCESS_KEY_ID", c.key_id.as_str()),
+            ("AWS_SECRET_ACCESS_KEY", c.secret.as_str()),
+            ("AWS_REGION", c.region.as_str()),
+            ("AWS_DEFAULT_REGION", c.region.as_str()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -466,25 +635,34 @@ impl S3Bucket {
 
     /// Multipart uploads begun and neither completed nor aborted: (key, upload id), sorted.
     pub async fn multipart_uploads(&self) -> Vec<(String, String)> {
-        let xml = self.get_xml(&format!("{}/{}?uploads", self.endpoint, self.name)).await;
-        let mut uploads: Vec<(String, String)> =
-            xml_values(&xml, "Key").into_iter().zip(xml_values(&xml, "UploadId")).collect();
+        let mut uploads = list_multipart_uploads(&self.http, &self.credentials, &self.name)
+            .await
+            .unwrap_or_else(|e| panic!("ListMultipartUploads of bucket {}: {e}", self.name));
         uploads.sort();
         uploads
     }
 
-    /// How many parts a multipart upload holds so far.
+    /// How many parts a multipart upload holds so far (ListParts).
     pub async fn part_count(&self, key: &str, upload_id: &str) -> usize {
-        let xml = self.get_xml(&format!("{}/{}/{key}?uploadId={upload_id}", self.endpoint, self.name)).await;
-        xml_values(&xml, "PartNumber").len()
-    }
-
-    async fn get_xml(&self, url: &str) -> String {
-        let response = self.http.get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        let status = response.status();
-        let body = response.text().await.unwrap_or_default();
-        assert!(status.is_success(), "GET {url}: {status}: {body}");
-        body
+        let path = format!("/{}/{key}", self.name);
+        let mut count = 0;
+        let mut marker = String::new();
+        loop {
+            let mut query = vec![("uploadId", upload_id)];
+            if !marker.is_empty() {
+                query.push(("part-number-marker", marker.as_str()));
+            }
+            let (status, xml) = s3_call(&self.http, &self.credentials, Method::GET, &path, &query)
+                .await
+                .unwrap_or_else(|e| panic!("ListParts of {key}: {e}"));
+            assert!(status.is_success(), "ListParts of {key} ({upload_id}): {status}: {xml}");
+            // The part numbers only: <NextPartNumberMarker> and <PartNumberMarker> are other tags.
+            count += xml_values(&xml, "PartNumber").len();
+            if xml_values(&xml, "IsTruncated").first().map(String::as_str) != Some("true") {
+                return count;
+            }
+            marker = xml_values(&xml, "NextPartNumberMarker").pop().expect("a truncated ListParts has a marker");
+        }
     }
 
     /// Everything the bucket holds, one line each: `<key> (<size>)` for objects and
@@ -501,25 +679,62 @@ impl S3Bucket {
     }
 }
 
+/// Every unfinished multipart upload of a bucket (ListMultipartUploads): (key, upload id).
+async fn list_multipart_uploads(
+    http: &reqwest::Client,
+    credentials: &S3Credentials,
+    bucket: &str,
+) -> Result<Vec<(String, String)>, String> {
+    let path = format!("/{bucket}");
+    let mut uploads = Vec::new();
+    let (mut key_marker, mut id_marker) = (String::new(), String::new());
+    loop {
+        let mut query = vec![("uploads", "")];
+        if !key_marker.is_empty() {
+            query.push(("key-marker", key_marker.as_str()));
+            query.push(("upload-id-marker", id_marker.as_str()));
+        }
+        let (status, xml) = s3_call(http, credentials, Method::GET, &path, &query).await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("{status}: {xml}"));
+        }
+        // Each <Upload> has one <Key> and one <UploadId>; the markers are other tags.
+        for upload in xml.split("<Upload>").skip(1) {
+            let (key, id) = (xml_values(upload, "Key"), xml_values(upload, "UploadId"));
+            if let (Some(key), Some(id)) = (key.first(), id.first()) {
+                uploads.push((key.clone(), id.clone()));
+            }
+        }
+        if xml_values(&xml, "IsTruncated").first().map(String::as_str) != Some("true") {
+            return Ok(uploads);
+        }
+        key_marker = xml_values(&xml, "NextKeyMarker").pop().unwrap_or_default();
+        id_marker = xml_values(&xml, "NextUploadIdMarker").pop().unwrap_or_default();
+        if key_marker.is_empty() {
+            return Err(format!("a truncated ListMultipartUploads without NextKeyMarker: {xml}"));
+        }
+    }
+}
+
 impl Drop for S3Bucket {
     fn drop(&mut self) {
-        // moto keeps everything in memory: give back what this test stored.
-        let (store, http, endpoint, name) =
-            (self.store.clone(), self.http.clone(), self.endpoint.clone(), self.name.clone());
+        // Give back what this test stored: abort its multipart uploads, delete its objects, then
+        // the bucket (DeleteBucket needs it empty).
+        let (store, http, credentials, name) =
+            (self.store.clone(), self.http.clone(), self.credentials.clone(), self.name.clone());
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
             runtime.block_on(async {
                 use futures_util::TryStreamExt;
                 use object_store::{ObjectStore, ObjectStoreExt, multipart::MultipartStore};
-                let xml = http.get(format!("{endpoint}/{name}?uploads")).send().await.ok()?.text().await.ok()?;
-                for (key, id) in xml_values(&xml, "Key").into_iter().zip(xml_values(&xml, "UploadId")) {
+                for (key, id) in list_multipart_uploads(&http, &credentials, &name).await.ok()? {
                     let _ = store.abort_multipart(&object_store::path::Path::from(key), &id).await;
                 }
                 let keys: Vec<_> = store.list(None).map_ok(|meta| meta.location).try_collect().await.ok()?;
                 for key in keys {
                     let _ = store.delete(&key).await;
                 }
-                http.delete(format!("{endpoint}/{name}")).send().await.ok()
+                s3_call(&http, &credentials, Method::DELETE, &format!("/{name}"), &[]).await.ok()
             })
         })
         .join();

@@ -92,7 +92,11 @@ pub fn ferry(name: &str, scratch: &Path, database: Option<&str>, extra: &[String
     if let Some(url) = database {
         command.args(["--database-url", url]);
     }
-    command.args(extra).env("FERRY_LOG", "warn").stdout(Stdio::null());
+    // FERRY_BENCH_LOG=<filter> shows ferry's log (for looking into a run).
+    match std::env::var("FERRY_BENCH_LOG") {
+        Ok(filter) => command.args(extra).env("FERRY_LOG", filter),
+        Err(_) => command.args(extra).env("FERRY_LOG", "warn").stdout(Stdio::null()),
+    };
     for (key, value) in env {
         command.env(key, value);
     }

@@ -163,6 +163,18 @@ fn main() {
 }
 
 async fn run() {
+    // FERRY_BENCH_TARGET=HOST:PORT uploads to a server started by hand (for profiling it):
+    // FERRY_BENCH_ROUNDS uploads of FERRY_BENCH_FILE_MIB in FERRY_BENCH_CHUNK_MIB chunks.
+    if let Ok(target) = std::env::var("FERRY_BENCH_TARGET") {
+        let addr = target.parse().expect("FERRY_BENCH_TARGET is HOST:PORT");
+        let data = test_data(env_number("FERRY_BENCH_FILE_MIB", 256) * MIB);
+        let chunk = env_number("FERRY_BENCH_CHUNK_MIB", 8) * MIB;
+        for _ in 0..env_number("FERRY_BENCH_ROUNDS", 5) {
+            let took = client::timed_upload(addr, "/files/", &data, chunk).await;
+            println!("{:.0} MB/s", mb_per_s(data.len(), took));
+        }
+        return;
+    }
     let sections: Vec<String> = std::env::var("FERRY_BENCH")
         .unwrap_or_else(|_| "ingest,concurrency,slow,stores".into())
         .split(',')
@@ -307,6 +319,10 @@ async fn ingest(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) -
     for _round in 0..rounds {
         for (server, result) in servers.iter().zip(results.iter_mut()) {
             for (i, chunk) in CHUNKS.iter().enumerate() {
+                // FERRY_BENCH_CHUNK_MIB measures one chunk size only (for profiling).
+                if std::env::var("FERRY_BENCH_CHUNK_MIB").is_ok_and(|c| c != (chunk / MIB).to_string()) {
+                    continue;
+                }
                 let cpu = server.cpu();
                 let took = client::timed_upload(server.addr, &server.base_path, &data, *chunk).await;
                 result.cpu[i] += server.cpu().saturating_sub(cpu);

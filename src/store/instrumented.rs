@@ -96,18 +96,23 @@ struct InstrumentedAppender {
     metrics: Arc<Metrics>,
 }
 
-#[async_trait]
 impl Appender for InstrumentedAppender {
-    async fn write(&mut self, data: Vec<Bytes>) -> Result<()> {
-        timed(&self.metrics, "append_write", self.inner.write(data)).await
+    fn write(&mut self, data: Vec<Bytes>) -> Result<()> {
+        let started = Instant::now();
+        let result = self.inner.write(data);
+        self.metrics.observe_store("append_write", result.is_ok(), started.elapsed());
+        result
+    }
+
+    fn finish(self: Box<Self>, last: bool) -> Result<AppendOutcome> {
+        let Self { inner, metrics } = *self;
+        let started = Instant::now();
+        let result = inner.finish(last);
+        metrics.observe_store("append_finish", result.is_ok(), started.elapsed());
+        result
     }
 
     fn holds_until(&self) -> Option<u64> {
         self.inner.holds_until()
-    }
-
-    async fn finish(self: Box<Self>, last: bool) -> Result<AppendOutcome> {
-        let Self { inner, metrics } = *self;
-        timed(&metrics, "append_finish", inner.finish(last)).await
     }
 }

@@ -93,29 +93,16 @@ impl Store for LocalStore {
 
     async fn append(&self, context: AppendContext) -> Result<Box<dyn Appender>> {
         let AppendContext { id, offset, generation, upload, stop, .. } = context;
-        let data_path = self.data_path(id, &upload)?;
-        let lock_path = self.lock_path(id, &upload)?;
-        let (data, lock) = blocking(move || {
-            let data = OpenOptions::new().write(true).create(true).truncate(false).open(&data_path)?;
-            let lock = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path)?;
-            lock.lock()?;
-            let registered = read_generation(&lock);
-            let result = match registered {
-                Ok(newest) if newest > generation => Ok(None),
-                Ok(_) => {
-                    let mut file = &lock;
-                    file.seek(SeekFrom::Start(0))?;
-                    file.write_all(&generation.to_le_bytes())?;
-                    Ok(Some((data, lock.try_clone()?)))
-                }
-                Err(e) => Err(e),
-            };
-            lock.unlock()?;
-            result
-        })
-        .await?
-        .ok_or(StoreError::Superseded)?;
-        Ok(Box::new(LocalAppender { data: Arc::new(data), lock: Arc::new(lock), generation, position: offset, stop }))
+        // Nothing is opened here: the write stage's thread opens the files with its first write,
+        // so an append costs no extra trip to a blocking thread.
+        Ok(Box::new(LocalAppender {
+            data_path: self.data_path(id, &upload)?,
+            lock_path: self.lock_path(id, &upload)?,
+            files: None,
+            generation,
+            position: offset,
+            stop,
+        }))
     }
 
     fn completes_in_place(&self) -> bool {
@@ -177,46 +164,71 @@ impl Store for LocalStore {
 }
 
 struct LocalAppender {
-    /// This append's own descriptor of the data file: its file position is this writer's.
-    data: Arc<File>,
-    lock: Arc<File>,
+    data_path: PathBuf,
+    lock_path: PathBuf,
+    /// This append's own descriptors of the data file (whose file position is this writer's)
+    /// and of the lock file, once the first write opened them.
+    files: Option<(File, File)>,
     generation: i64,
     position: u64,
     stop: tokio_util::sync::CancellationToken,
 }
 
-#[async_trait]
+impl LocalAppender {
+    /// Opens the files and registers this writer's generation in the lock file, unless a newer
+    /// writer registered already. Called with nothing locked.
+    fn open(&mut self) -> io::Result<bool> {
+        let data = OpenOptions::new().write(true).create(true).truncate(false).open(&self.data_path)?;
+        let lock = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&self.lock_path)?;
+        lock.lock()?;
+        let registered = read_generation(&lock).and_then(|newest| {
+            if newest > self.generation {
+                return Ok(false);
+            }
+            let mut file = &lock;
+            file.seek(SeekFrom::Start(0))?;
+            file.write_all(&self.generation.to_le_bytes())?;
+            Ok(true)
+        });
+        lock.unlock()?;
+        if registered? {
+            self.files = Some((data, lock));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
 impl Appender for LocalAppender {
-    async fn write(&mut self, data: Vec<Bytes>) -> Result<()> {
-        let (file, lock, generation, position) = (self.data.clone(), self.lock.clone(), self.generation, self.position);
-        let stop = self.stop.clone();
+    fn write(&mut self, data: Vec<Bytes>) -> Result<()> {
+        if self.files.is_none() && !self.open()? {
+            return Err(StoreError::Superseded);
+        }
+        let (file, lock) = self.files.as_ref().expect("opened");
         let len: u64 = data.iter().map(|d| d.len() as u64).sum();
-        let current = blocking(move || {
-            lock.lock()?;
-            // A newer writer registers in the lock file (any instance) or, on this instance,
-            // may not have got there yet but has already told this one to stop.
-            let result = read_generation(&lock).and_then(|newest| {
-                if newest == generation && !stop.is_cancelled() {
-                    write_all_at(&file, &data, position)?;
-                    Ok(true)
-                } else {
-                    Ok(false)
-                }
-            });
-            lock.unlock()?;
-            result
-        })
-        .await?;
-        if !current {
+        lock.lock()?;
+        // A newer writer registers in the lock file (any instance) or, on this instance, may not
+        // have got there yet but has already told this one to stop.
+        let result = read_generation(lock).and_then(|newest| {
+            if newest == self.generation && !self.stop.is_cancelled() {
+                write_all_at(file, &data, self.position)?;
+                Ok(true)
+            } else {
+                Ok(false)
+            }
+        });
+        lock.unlock()?;
+        if !result? {
             return Err(StoreError::Superseded);
         }
         self.position += len;
         Ok(())
     }
 
-    async fn finish(self: Box<Self>, _last: bool) -> Result<AppendOutcome> {
-        let data = self.data.clone();
-        blocking(move || data.sync_data()).await?;
+    fn finish(self: Box<Self>, _last: bool) -> Result<AppendOutcome> {
+        if let Some((data, _)) = &self.files {
+            data.sync_data()?;
+        }
         Ok(AppendOutcome::default())
     }
 }

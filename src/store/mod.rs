@@ -195,16 +195,16 @@ pub struct StagedObject {
     pub modified_ms: i64,
 }
 
-/// An append in progress.
-#[async_trait]
+/// An append in progress. Its methods block: they run on the write stage's own thread (see
+/// `uploads::pipeline`), which waits for the disk or for the store's answers.
 pub trait Appender: Send {
     /// Writes the next bytes, in order (several received frames at once, so that a backend can
     /// write them with one vectored call). Returns [`StoreError::Superseded`] once a newer writer
     /// took over.
-    async fn write(&mut self, data: Vec<Bytes>) -> Result<()>;
+    fn write(&mut self, data: Vec<Bytes>) -> Result<()>;
 
     /// Makes everything written so far durable; `last` when these bytes complete the upload.
-    async fn finish(self: Box<Self>, last: bool) -> Result<AppendOutcome>;
+    fn finish(self: Box<Self>, last: bool) -> Result<AppendOutcome>;
 
     /// How many more bytes this appender keeps in memory after [`Appender::write`] returns
     /// before it lets go of any (the rest of an object store's part; staged bytes are loaded

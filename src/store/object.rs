@@ -201,6 +201,7 @@ impl Store for ObjectBackend {
             buffer_offset: context.offset,
             uploading: None,
             outcome: AppendOutcome::default(),
+            runtime: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -371,6 +372,8 @@ struct ObjectAppender {
     /// overwrites the part or the sweeper removes what no row points to.
     uploading: Option<tokio::task::JoinHandle<Result<Uploaded>>>,
     outcome: AppendOutcome,
+    /// The runtime the store's calls run on; the write stage's thread waits for them.
+    runtime: tokio::runtime::Handle,
 }
 
 impl ObjectAppender {
@@ -410,9 +413,8 @@ impl ObjectAppender {
     }
 }
 
-#[async_trait]
-impl Appender for ObjectAppender {
-    async fn write(&mut self, data: Vec<Bytes>) -> Result<()> {
+impl ObjectAppender {
+    async fn write_async(&mut self, data: Vec<Bytes>) -> Result<()> {
         for piece in data {
             self.buffered += piece.len() as u64;
             self.buffer.push_back(piece);
@@ -424,7 +426,7 @@ impl Appender for ObjectAppender {
         Ok(())
     }
 
-    async fn finish(mut self: Box<Self>, last: bool) -> Result<AppendOutcome> {
+    async fn finish_async(mut self, last: bool) -> Result<AppendOutcome> {
         if last {
             if self.staged_len + self.buffered > 0 {
                 let rest = self.buffered;
@@ -440,7 +442,19 @@ impl Appender for ObjectAppender {
                 self.outcome.staged.push(Staged { key, offset: self.buffer_offset, size: self.buffered });
             }
         }
-        Ok(std::mem::take(&mut self.outcome))
+        Ok(self.outcome)
+    }
+}
+
+impl Appender for ObjectAppender {
+    fn write(&mut self, data: Vec<Bytes>) -> Result<()> {
+        let runtime = self.runtime.clone();
+        runtime.block_on(self.write_async(data))
+    }
+
+    fn finish(self: Box<Self>, last: bool) -> Result<AppendOutcome> {
+        let runtime = self.runtime.clone();
+        runtime.block_on((*self).finish_async(last))
     }
 
     fn holds_until(&self) -> Option<u64> {

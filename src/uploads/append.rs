@@ -14,9 +14,9 @@ use super::{
     AppendRequest, Appended, BodyEvent, BodyStream, Result, UploadError, Uploads,
     events::EventKind,
     now_ms,
-    pipeline::{Bounds, Ending, Pipeline, Received},
+    pipeline::{Ending, Pipeline, Received},
     superseded,
-    types::{Concat, FileHasher, UploadState},
+    types::{Concat, UploadState},
 };
 use crate::{
     repo::{AppendCommit, Lease, PartClaim, Repo, RepoError, UploadRow},
@@ -66,14 +66,38 @@ impl Uploads {
                 request.offset
             )));
         }
-        // Wait for a writer of this instance that is committing, and hold off newer ones while
-        // the lease is taken.
-        let entry = self.writers.enter(request.id).await;
-        let row = self.lease(&request).await?;
-        let writer = entry.register(row.write_gen).await;
-
+        // The body is received from the start; the lease and the store's side are ready
+        // meanwhile, and the stages start with them.
+        let idle_timeout = self.settings.idle_timeout;
+        let provisional = self.settings.max_size.saturating_sub(request.offset);
+        let likely_state = self.writers.committed_state(request.id, request.offset);
+        let mut pipeline =
+            Pipeline::new(request.checksum.clone(), self.budget.clone(), idle_timeout, provisional, likely_state);
+        let (row, writer, appender) = pipeline.receive_during(body, self.open_append(&request)).await?;
         let length = row.length.or(request.length);
         let remaining = length.unwrap_or(self.limit_of(row.size_limit)) - request.offset;
+        pipeline.attach(appender, &row.hash_state, remaining).await?;
+        let ending = pipeline.receive(body, &self.stopping, writer.stopped()).await?;
+
+        // From here until the commit, newer requests for this upload on this instance wait.
+        let Some(_committing) = writer.committing().await else {
+            return Err(superseded());
+        };
+        // These bytes complete the upload when they reach its (known) length.
+        let last = matches!(ending, Ending::Complete) && length == Some(request.offset + pipeline.received());
+        let received = pipeline.finish(ending, last).await?;
+        self.commit(&request, &row, length, received).await
+    }
+
+    /// Leases the upload (waiting for a writer of this instance that is committing, and holding
+    /// off newer ones meanwhile), registers this writer, and opens the store's side.
+    async fn open_append(
+        &self,
+        request: &AppendRequest,
+    ) -> Result<(UploadRow, super::writers::Writer<'_>, Box<dyn crate::store::Appender>)> {
+        let entry = self.writers.enter(request.id).await;
+        let row = self.lease(request).await?;
+        let writer = entry.register(row.write_gen).await;
         let staged = if row.staged_count > 0 { self.repo.staged(request.id).await? } else { Vec::new() };
         let context = AppendContext {
             id: request.id,
@@ -85,25 +109,7 @@ impl Uploads {
             stop: writer.stopped().clone(),
         };
         let appender = self.store.append(context).await?;
-        let hasher = FileHasher::restore(&row.hash_state).map_err(|e| anyhow::anyhow!(e))?;
-        let idle_timeout = self.settings.idle_timeout;
-        let mut pipeline = Pipeline::new(
-            appender,
-            hasher,
-            request.checksum.clone(),
-            self.budget.clone(),
-            Bounds { remaining, idle_timeout },
-        );
-        let ending = pipeline.receive(body, &self.stopping, writer.stopped()).await?;
-
-        // From here until the commit, newer requests for this upload on this instance wait.
-        let Some(_committing) = writer.committing().await else {
-            return Err(superseded());
-        };
-        // These bytes complete the upload when they reach its (known) length.
-        let last = matches!(ending, Ending::Complete) && length == Some(request.offset + pipeline.received());
-        let received = pipeline.finish(ending, last).await?;
-        self.commit(&request, &row, length, received).await
+        Ok((row, writer, appender))
     }
 
     /// Takes the right to append at the request's offset. On refusal, reads the upload once more
@@ -182,6 +188,9 @@ impl Uploads {
         };
         if !self.repo.commit_append(&commit).await? {
             return Err(superseded());
+        }
+        if !completes {
+            self.writers.committed(request.id, to_offset, &commit.hash_state);
         }
         self.metrics.bytes_received.inc_by(received.bytes);
         // Staged bytes now live in a part; their objects can go.

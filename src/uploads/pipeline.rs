@@ -1,26 +1,35 @@
 //! The append pipeline: the request task only receives the body and hands the frames on (as
-//! `Bytes`, never copied); hashing and writing run beside it on blocking threads, each stage one
-//! batch at a time, so one upload moves at the speed of its slowest stage, not of their sum.
+//! `Bytes`, never copied); hashing and writing run beside it, each on a thread of its own, so
+//! one upload moves at the speed of its slowest stage, not of their sum.
 //!
 //! ```text
-//! socket -> request task -> pending -> batch -+-> hash stage  (whole-file SHA-256, checksum)
-//!                                             +-> write stage (store; vectored writes)
+//! socket -> request task -> hash queue -> hash stage -> write queue -> write stage -> store
+//!                                        (SHA-256,     (batches with the hash state
+//!                                         checksum)     after each, for the commit)
 //! ```
 //!
-//! Every frame holds its share of the instance's [`Budget`] until the last stage lets go of its
-//! bytes, so all appends of an instance together never hold more than the budget; a request that
-//! finds it spent stops reading its body (TCP pushes back on the client) until bytes are written.
-//! Per upload, at most one batch waits for each stage beside the ones being worked on, and at most
-//! [`PENDING_LIMIT`] bytes wait to become a batch.
+//! A stage is a loop on a blocking thread that takes everything queued, works on it, and ends
+//! when its queue is empty; the next bytes start it again. While bytes keep coming a stage keeps
+//! running, so a fast upload costs a handful of thread wake-ups per request, and an idle one
+//! holds no thread. The write stage receives the hashed batches in order with the whole-file hash
+//! state after each, so the state committed is always the one of the bytes written.
+//!
+//! Every frame holds its share of the instance's [`Budget`] until the write stage (or, on object
+//! stores, the part upload) drops its bytes, so all appends of an instance together never hold
+//! more than the budget; a request that finds it spent stops reading its body (TCP pushes back on
+//! the client). Per upload, at most [`IN_FLIGHT_LIMIT`] bytes are received and not yet written.
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::{
-    sync::{AcquireError, OwnedSemaphorePermit, Semaphore},
-    task::JoinHandle,
-};
+use tokio::sync::{AcquireError, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -29,11 +38,13 @@ use super::{
 };
 use crate::store::{AppendOutcome, Appender, StoreError};
 
-/// A batch handed to the stages holds at most this many bytes (whole frames; a larger frame
-/// makes a batch of its own).
-pub const BATCH_LIMIT: u64 = 1 << 20;
-/// Bytes received and not yet in a batch, per upload, beyond which the body is not read.
-pub const PENDING_LIMIT: u64 = 1 << 20;
+/// Bytes of one upload received and not yet written, beyond which its body is not read.
+pub const IN_FLIGHT_LIMIT: u64 = 4 << 20;
+/// The most one pass of a stage takes from its queue.
+const STAGE_BATCH: u64 = 2 << 20;
+/// While the body keeps coming, the hash stage is started once this much waits for it (or when
+/// the socket has nothing more for the moment): every start costs a thread wake-up.
+const STAGE_START: u64 = 512 << 10;
 /// The smallest budget allowed: well above the largest frame the HTTP layer hands over.
 pub const MIN_BUDGET: u64 = 1 << 20;
 
@@ -68,7 +79,7 @@ impl Budget {
 type Acquiring = Pin<Box<dyn Future<Output = std::result::Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
 /// A received frame's bytes together with its share of the budget: the share goes back when the
-/// last stage drops the bytes.
+/// last holder drops the bytes.
 struct Held {
     data: Bytes,
     _permit: OwnedSemaphorePermit,
@@ -107,9 +118,18 @@ struct Hashes {
     chunk: Vec<ChecksumHasher>,
 }
 
+/// A hashed batch on its way to the store, with the whole-file hash state after it.
+struct Hashed {
+    frames: Vec<Bytes>,
+    len: u64,
+    state_after: FileHasher,
+}
+
 /// What an append received, once every stage is done with it.
 pub struct Received {
+    /// Bytes received, written and made durable.
     pub bytes: u64,
+    /// The whole-file hash state after them.
     pub hasher: FileHasher,
     /// None when no checksum was asked for; otherwise whether the body matched it.
     pub checksum_ok: Option<bool>,
@@ -117,37 +137,98 @@ pub struct Received {
     pub outcome: AppendOutcome,
 }
 
-/// Limits of one body.
-pub struct Bounds {
-    /// How many bytes the body may carry.
-    pub remaining: u64,
-    pub idle_timeout: Duration,
+/// What the request task and the two stages share.
+struct Queues {
+    to_hash: VecDeque<Bytes>,
+    to_hash_len: u64,
+    /// The hash stage's state; None while the stage works on it (or before the lease gave it).
+    hashes: Option<Hashes>,
+    hashing: bool,
+    to_write: VecDeque<Hashed>,
+    /// The store's side; None while the write stage works (or before the lease opened it).
+    appender: Option<Box<dyn Appender>>,
+    writing: bool,
+    /// Received and not yet written.
+    in_flight: u64,
+    written: u64,
+    /// The hash state after the bytes written.
+    durable: Option<FileHasher>,
+    failed: Option<StoreError>,
+    /// Set when the body has ended (`true`: its bytes complete the upload): once everything is
+    /// written, the write stage makes it durable.
+    closing: Option<bool>,
+    outcome: Option<AppendOutcome>,
+    /// The request task waits for a stage (room, or the end): tell it when something changes.
+    waiting: bool,
 }
 
-type Written = (Box<dyn Appender>, crate::store::Result<()>);
+impl Queues {
+    /// Wakes the request task if it waits for the stages (and only then: a wake-up costs a
+    /// thread switch, and most changes do not concern it).
+    fn tell(&mut self, shared: &Shared) {
+        if self.waiting || self.failed.is_some() {
+            self.waiting = false;
+            shared.changed.notify_one();
+        }
+    }
+
+    /// Whether the write stage should make the append durable now: the body has ended and every
+    /// byte of it is written.
+    fn ready_to_finish(&self) -> bool {
+        self.closing.is_some()
+            && self.outcome.is_none()
+            && self.failed.is_none()
+            && !self.hashing
+            && self.to_hash.is_empty()
+            && self.to_write.is_empty()
+    }
+}
+
+struct Shared {
+    queues: Mutex<Queues>,
+    /// The stages tell the request task that something changed (room, an error, idleness).
+    changed: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queues> {
+        self.queues.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
 
 /// One append's stages and what is between them.
 pub struct Pipeline {
+    shared: Arc<Shared>,
     budget: Budget,
-    bounds: Bounds,
+    idle_timeout: Duration,
+    /// How many bytes the body may carry (provisional until [`Pipeline::attach`]).
+    remaining: u64,
     plan: ChecksumPlan,
     /// The checksum to verify (from the header, or the trailer once it came).
     expected: Option<Checksum>,
+    /// Whether the appender keeps bytes until a part is complete (see [`Appender::holds_until`]).
+    holds_parts: bool,
     /// Budget taken and not yet given to a frame.
     credit: Option<OwnedSemaphorePermit>,
     /// A frame waiting for budget; the body is not read meanwhile.
     parked: Option<Bytes>,
     acquiring: Option<Acquiring>,
-    pending: Vec<Bytes>,
-    pending_len: u64,
-    /// The next batch of each stage, when that stage is busy.
-    to_hash: Option<Vec<Bytes>>,
-    to_write: Option<Vec<Bytes>>,
-    hashes: Option<Hashes>,
-    hashing: Option<JoinHandle<Hashes>>,
-    appender: Option<Box<dyn Appender>>,
-    writing: Option<JoinHandle<Written>>,
     received: u64,
+    /// Set when the body ended while the stages were not attached yet.
+    ended: Option<Ending>,
+    /// The saved hash state hashing started from before the lease confirmed it.
+    started_from: Option<Vec<u8>>,
+}
+
+impl Drop for Pipeline {
+    /// An append that ends early (refused, superseded, failed) stops its stages after the pass
+    /// they are in: nothing of it is committed, so nothing more need be hashed or written.
+    fn drop(&mut self) {
+        let mut q = self.shared.lock();
+        if q.failed.is_none() {
+            q.failed = Some(StoreError::Other("the append ended".into()));
+        }
+    }
 }
 
 /// Awaits the future in `slot`, or never when there is none (for `select!` branches).
@@ -158,50 +239,253 @@ async fn next_of<F: Future + Unpin>(slot: &mut Option<F>) -> F::Output {
     }
 }
 
-fn task_failed(stage: &str, e: tokio::task::JoinError) -> UploadError {
-    UploadError::Internal(anyhow::anyhow!("the {stage} stage of an append failed: {e}"))
+/// Stage work of one pass: hashing for the hash stage, writing for the write stage.
+fn hash_stage(shared: Arc<Shared>) {
+    loop {
+        let (frames, mut hashes) = {
+            let mut q = shared.lock();
+            if q.to_hash.is_empty() || q.failed.is_some() {
+                q.hashing = false;
+                if q.ready_to_finish() && !q.writing {
+                    q.writing = true;
+                    let shared = shared.clone();
+                    tokio::task::spawn_blocking(move || write_stage(shared));
+                }
+                q.tell(&shared);
+                return;
+            }
+            let mut taken = 0;
+            let mut frames = Vec::new();
+            while let Some(frame) = q.to_hash.front() {
+                if taken > 0 && taken + frame.len() as u64 > STAGE_BATCH {
+                    break;
+                }
+                taken += frame.len() as u64;
+                frames.push(q.to_hash.pop_front().expect("a frame"));
+            }
+            q.to_hash_len -= taken;
+            (frames, q.hashes.take().expect("the hash stage holds the hashes"))
+        };
+        let mut len = 0;
+        for frame in &frames {
+            hashes.file.update(frame);
+            for h in hashes.chunk.iter_mut() {
+                h.update(frame);
+            }
+            len += frame.len() as u64;
+        }
+        let state_after = hashes.file.clone();
+        let mut q = shared.lock();
+        q.hashes = Some(hashes);
+        q.to_write.push_back(Hashed { frames, len, state_after });
+        if !q.writing && q.appender.is_some() {
+            q.writing = true;
+            let shared = shared.clone();
+            tokio::task::spawn_blocking(move || write_stage(shared));
+        }
+    }
+}
+
+fn write_stage(shared: Arc<Shared>) {
+    loop {
+        let (batches, mut appender) = {
+            let mut q = shared.lock();
+            if q.to_write.is_empty() || q.failed.is_some() {
+                if q.ready_to_finish() {
+                    let appender = q.appender.take().expect("the write stage holds the appender");
+                    let last = q.closing.expect("closing");
+                    drop(q);
+                    let result = appender.finish(last);
+                    q = shared.lock();
+                    match result {
+                        Ok(outcome) => q.outcome = Some(outcome),
+                        Err(e) => q.failed = Some(e),
+                    }
+                }
+                q.writing = false;
+                q.tell(&shared);
+                return;
+            }
+            let mut taken = 0;
+            let mut batches = Vec::new();
+            while let Some(batch) = q.to_write.front() {
+                if taken > 0 && taken + batch.len > STAGE_BATCH {
+                    break;
+                }
+                taken += batch.len;
+                batches.push(q.to_write.pop_front().expect("a batch"));
+            }
+            (batches, q.appender.take().expect("the write stage holds the appender"))
+        };
+        let len: u64 = batches.iter().map(|b| b.len).sum();
+        let state_after = batches.last().map(|b| b.state_after.clone());
+        let frames: Vec<Bytes> = batches.into_iter().flat_map(|b| b.frames).collect();
+        let result = appender.write(frames);
+        let mut q = shared.lock();
+        q.appender = Some(appender);
+        match result {
+            Ok(()) => {
+                q.written += len;
+                q.in_flight -= len;
+                q.durable = state_after;
+            }
+            Err(e) => q.failed = Some(e),
+        }
+        q.tell(&shared);
+    }
+}
+
+fn stage_failed(e: StoreError) -> UploadError {
+    match e {
+        StoreError::Superseded => super::superseded(),
+        other => other.into(),
+    }
 }
 
 impl Pipeline {
+    /// A pipeline that can receive right away; writing starts once [`Pipeline::attach`] gives it
+    /// the store's appender and the hash state saved with the offset. `remaining` bounds the body
+    /// until then. With `likely_state` (the hash state this instance committed last at the
+    /// request's offset), hashing starts at once too, and [`Pipeline::attach`] checks it.
     pub fn new(
-        appender: Box<dyn Appender>,
-        hasher: FileHasher,
         plan: ChecksumPlan,
         budget: Budget,
-        bounds: Bounds,
+        idle_timeout: Duration,
+        remaining: u64,
+        likely_state: Option<Vec<u8>>,
     ) -> Self {
-        let chunk = match &plan {
-            ChecksumPlan::None => Vec::new(),
-            ChecksumPlan::Header(checksum) => vec![checksum.hasher()],
-            ChecksumPlan::Trailer => ChecksumAlgorithm::ALL.iter().map(|a| a.hasher()).collect(),
-        };
         let expected = match &plan {
             ChecksumPlan::Header(checksum) => Some(checksum.clone()),
             _ => None,
         };
-        Self {
+        let queues = Queues {
+            to_hash: VecDeque::new(),
+            to_hash_len: 0,
+            hashes: None,
+            hashing: false,
+            to_write: VecDeque::new(),
+            appender: None,
+            writing: false,
+            in_flight: 0,
+            written: 0,
+            durable: None,
+            failed: None,
+            closing: None,
+            outcome: None,
+            waiting: false,
+        };
+        let mut pipeline = Self {
+            shared: Arc::new(Shared { queues: Mutex::new(queues), changed: Notify::new() }),
             budget,
-            bounds,
+            idle_timeout,
+            remaining,
             plan,
             expected,
+            holds_parts: false,
             credit: None,
             parked: None,
             acquiring: None,
-            pending: Vec::new(),
-            pending_len: 0,
-            to_hash: None,
-            to_write: None,
-            hashes: Some(Hashes { file: hasher, chunk }),
-            hashing: None,
-            appender: Some(appender),
-            writing: None,
             received: 0,
+            ended: None,
+            started_from: None,
+        };
+        if let Some(state) = likely_state
+            && let Ok(hasher) = FileHasher::restore(&state)
+        {
+            pipeline.start_hashes(hasher);
+            pipeline.started_from = Some(state);
         }
+        pipeline
+    }
+
+    /// Gives the hash stage its state and lets it start on what is queued.
+    fn start_hashes(&mut self, hasher: FileHasher) {
+        let chunk = match &self.plan {
+            ChecksumPlan::None => Vec::new(),
+            ChecksumPlan::Header(checksum) => vec![checksum.hasher()],
+            ChecksumPlan::Trailer => ChecksumAlgorithm::ALL.iter().map(|a| a.hasher()).collect(),
+        };
+        let mut q = self.shared.lock();
+        q.durable = Some(hasher.clone());
+        q.hashes = Some(Hashes { file: hasher, chunk });
+        Self::start_hashing(&self.shared, &mut q);
     }
 
     /// Bytes received so far.
     pub fn received(&self) -> u64 {
         self.received
+    }
+
+    /// Receives the body while `work` runs (the lease, opening the store), so that the first
+    /// bytes need not wait for it; returns what `work` returns. Nothing is hashed or written yet.
+    pub async fn receive_during<T>(&mut self, body: &mut BodyStream, work: impl Future<Output = Result<T>>) -> Result<T> {
+        tokio::pin!(work);
+        loop {
+            let reading = self.ended.is_none() && self.can_read();
+            if reading {
+                match self.take_ready(body)? {
+                    Some(Some(ending)) => {
+                        self.ended = Some(ending);
+                        continue;
+                    }
+                    Some(None) => continue,
+                    None => {}
+                }
+            }
+            self.kick();
+            tokio::select! {
+                biased;
+                done = &mut work => return done,
+                permit = next_of(&mut self.acquiring) => self.acquired(permit)?,
+                next = tokio::time::timeout(self.idle_timeout, body.next()), if reading => {
+                    if let Some(ending) = self.next(next)? {
+                        self.ended = Some(ending);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands the stages what they work with: the store's appender and the hash state saved with
+    /// the offset (`saved_state`); `remaining` is now exact. Bytes received so far start through
+    /// the stages. Had hashing started from another state than the saved one, it starts again.
+    pub async fn attach(&mut self, appender: Box<dyn Appender>, saved_state: &[u8], remaining: u64) -> Result<()> {
+        if self.received > remaining {
+            return Err(self.too_large_for(remaining));
+        }
+        self.remaining = remaining;
+        self.holds_parts = appender.holds_until().is_some();
+        let hasher = FileHasher::restore(saved_state).map_err(|e| anyhow::anyhow!(e))?;
+        match self.started_from.take() {
+            Some(started) if started == saved_state => {}
+            Some(_) => {
+                // Take back every frame from the hash stage and its output, in order.
+                loop {
+                    {
+                        let mut q = self.shared.lock();
+                        if !q.hashing {
+                            let mut frames: VecDeque<Bytes> = q.to_write.drain(..).flat_map(|b| b.frames).collect();
+                            frames.extend(q.to_hash.drain(..));
+                            q.to_hash_len = frames.iter().map(|f| f.len() as u64).sum();
+                            q.to_hash = frames;
+                            break;
+                        }
+                        q.waiting = true;
+                    }
+                    self.shared.changed.notified().await;
+                }
+                self.start_hashes(hasher);
+            }
+            None => self.start_hashes(hasher),
+        }
+        let mut q = self.shared.lock();
+        q.appender = Some(appender);
+        if !q.writing && !q.to_write.is_empty() {
+            q.writing = true;
+            let shared = self.shared.clone();
+            tokio::task::spawn_blocking(move || write_stage(shared));
+        }
+        Ok(())
     }
 
     /// Receives the body until it ends (completely, cut off, stalled, or the instance stops),
@@ -214,83 +498,94 @@ impl Pipeline {
         stopping: &CancellationToken,
         superseded: &CancellationToken,
     ) -> Result<Ending> {
+        if let Some(ending) = self.ended.take() {
+            return Ok(ending);
+        }
         loop {
-            self.dispatch();
-            let reading = self.parked.is_none() && self.pending_len < PENDING_LIMIT;
-            let idle_timeout = self.bounds.idle_timeout;
+            let reading = {
+                let mut q = self.shared.lock();
+                if let Some(e) = q.failed.take() {
+                    return Err(stage_failed(e));
+                }
+                let room = q.in_flight < IN_FLIGHT_LIMIT;
+                q.waiting = !room;
+                room && self.parked.is_none()
+            };
+            if superseded.is_cancelled() {
+                return Err(super::superseded());
+            }
+            if stopping.is_cancelled() {
+                return Ok(Ending::Stopped);
+            }
+            if reading {
+                match self.take_ready(body)? {
+                    Some(Some(ending)) => return Ok(ending),
+                    Some(None) => continue,
+                    None => {}
+                }
+            }
+            self.kick();
             tokio::select! {
                 biased;
                 () = superseded.cancelled() => return Err(super::superseded()),
                 () = stopping.cancelled() => return Ok(Ending::Stopped),
-                hashed = next_of(&mut self.hashing) => {
-                    self.hashing = None;
-                    self.hashes = Some(hashed.map_err(|e| task_failed("hash", e))?);
-                }
-                written = next_of(&mut self.writing) => {
-                    self.writing = None;
-                    self.wrote(written)?;
-                }
-                permit = next_of(&mut self.acquiring) => {
-                    self.acquiring = None;
-                    let permit = permit.map_err(|e| UploadError::Internal(e.into()))?;
-                    self.add_credit(permit);
-                    if let Some(frame) = self.parked.take() {
-                        self.take_frame(frame);
+                () = self.shared.changed.notified() => {}
+                permit = next_of(&mut self.acquiring) => self.acquired(permit)?,
+                next = tokio::time::timeout(self.idle_timeout, body.next()), if reading => {
+                    if let Some(ending) = self.next(next)? {
+                        return Ok(ending);
                     }
                 }
-                next = tokio::time::timeout(idle_timeout, body.next()), if reading => match next {
-                    Err(_) => return Ok(Ending::TimedOut),
-                    Ok(None) => return Ok(Ending::Complete),
-                    Ok(Some(Err(reason))) => return Ok(Ending::CutOff(reason)),
-                    Ok(Some(Ok(BodyEvent::Data(data)))) => self.arrived(data)?,
-                    Ok(Some(Ok(BodyEvent::TrailerChecksum(parsed)))) => self.trailer(parsed)?,
-                },
             }
         }
     }
 
-    /// Lets every stage finish what was received, then makes it durable (`last`: these bytes
-    /// complete the upload). The store's flush starts as soon as the last write is done, beside
-    /// the hash stage's last batch.
+    /// Lets the stages finish what was received, then makes it durable (`last`: these bytes
+    /// complete the upload).
     pub async fn finish(mut self, ending: Ending, last: bool) -> Result<Received> {
-        loop {
-            self.dispatch();
-            let writes_done =
-                self.parked.is_none() && self.pending.is_empty() && self.to_write.is_none() && self.writing.is_none();
-            if writes_done {
-                break;
-            }
+        self.kick();
+        // A frame that arrived last may still wait for its budget, which comes back as the
+        // stages finish.
+        while self.parked.is_some() {
+            self.shared.lock().waiting = true;
             tokio::select! {
-                hashed = next_of(&mut self.hashing) => {
-                    self.hashing = None;
-                    self.hashes = Some(hashed.map_err(|e| task_failed("hash", e))?);
-                }
-                written = next_of(&mut self.writing) => {
-                    self.writing = None;
-                    self.wrote(written)?;
-                }
-                // A frame that arrived last may still wait for its budget, which comes back as
-                // the stages finish.
-                permit = next_of(&mut self.acquiring) => {
-                    self.acquiring = None;
-                    self.add_credit(permit.map_err(|e| UploadError::Internal(e.into()))?);
-                    if let Some(frame) = self.parked.take() {
-                        self.take_frame(frame);
+                () = self.shared.changed.notified() => {
+                    if let Some(e) = self.shared.lock().failed.take() {
+                        return Err(stage_failed(e));
                     }
                 }
+                permit = next_of(&mut self.acquiring) => self.acquired(permit)?,
             }
         }
         self.credit = None;
-        let appender = self.appender.take().expect("the appender is back once the writes are done");
-        let flushing = tokio::spawn(appender.finish(last));
-        while self.hashing.is_some() || self.to_hash.is_some() {
-            if let Some(hashing) = self.hashing.take() {
-                self.hashes = Some(hashing.await.map_err(|e| task_failed("hash", e))?);
+        // The write stage makes the bytes durable once it has written the last of them.
+        loop {
+            {
+                let mut q = self.shared.lock();
+                if let Some(e) = q.failed.take() {
+                    return Err(stage_failed(e));
+                }
+                if q.closing.is_none() {
+                    q.closing = Some(last);
+                    if q.ready_to_finish() && !q.writing {
+                        q.writing = true;
+                        let shared = self.shared.clone();
+                        tokio::task::spawn_blocking(move || write_stage(shared));
+                    }
+                }
+                if q.outcome.is_some() {
+                    break;
+                }
+                q.waiting = true;
             }
-            self.dispatch();
+            self.shared.changed.notified().await;
         }
-        let outcome = flushing.await.map_err(|e| task_failed("write", e))??;
-        let Hashes { file, chunk } = self.hashes.take().expect("the hashes are back once hashing is done");
+        let mut q = self.shared.lock();
+        let outcome = q.outcome.take().expect("the outcome");
+        let Hashes { chunk, .. } = q.hashes.take().expect("the hashes are back once hashing is done");
+        let hasher = q.durable.take().expect("the state of the bytes written");
+        let bytes = q.written;
+        drop(q);
         let checksum_ok = match (&self.plan, self.expected.take()) {
             (ChecksumPlan::None, _) => None,
             // An announced trailer that never came cannot vouch for the bytes.
@@ -302,15 +597,32 @@ impl Pipeline {
                     .is_some_and(|h| h.finish() == expected.digest),
             ),
         };
-        Ok(Received { bytes: self.received, hasher: file, checksum_ok, ending, outcome })
+        Ok(Received { bytes, hasher, checksum_ok, ending, outcome })
     }
 
-    fn wrote(&mut self, written: std::result::Result<Written, tokio::task::JoinError>) -> Result<()> {
-        let (appender, result) = written.map_err(|e| task_failed("write", e))?;
-        self.appender = Some(appender);
-        result.map_err(|e| match e {
-            StoreError::Superseded => super::superseded(),
-            other => other.into(),
+    /// Whether the body may be read now: no frame waits for budget, and the upload's bytes in
+    /// flight leave room.
+    fn can_read(&self) -> bool {
+        self.parked.is_none() && self.shared.lock().in_flight < IN_FLIGHT_LIMIT
+    }
+
+    /// Handles what the body yielded; returns how it ended, if it did.
+    fn next(
+        &mut self,
+        next: std::result::Result<Option<std::result::Result<BodyEvent, String>>, tokio::time::error::Elapsed>,
+    ) -> Result<Option<Ending>> {
+        Ok(match next {
+            Err(_) => Some(Ending::TimedOut),
+            Ok(None) => Some(Ending::Complete),
+            Ok(Some(Err(reason))) => Some(Ending::CutOff(reason)),
+            Ok(Some(Ok(BodyEvent::Data(data)))) => {
+                self.arrived(data)?;
+                None
+            }
+            Ok(Some(Ok(BodyEvent::TrailerChecksum(parsed)))) => {
+                self.trailer(parsed)?;
+                None
+            }
         })
     }
 
@@ -327,17 +639,20 @@ impl Pipeline {
         Ok(())
     }
 
-    /// A frame arrived: it joins the pending bytes once it holds its share of the budget.
+    fn too_large_for(&self, remaining: u64) -> UploadError {
+        UploadError::TooLarge(format!(
+            "the body is longer than the {remaining} bytes that remain before the upload's length; nothing was kept"
+        ))
+    }
+
+    /// A frame arrived: it joins the hash queue once it holds its share of the budget.
     fn arrived(&mut self, data: Bytes) -> Result<()> {
         if data.is_empty() {
             return Ok(());
         }
         let len = data.len() as u64;
-        if self.received + len > self.bounds.remaining {
-            return Err(UploadError::TooLarge(format!(
-                "the body is longer than the {} bytes that remain before the upload's length; nothing was kept",
-                self.bounds.remaining
-            )));
+        if self.received + len > self.remaining {
+            return Err(self.too_large_for(self.remaining));
         }
         self.received += len;
         let credit = self.credit.as_ref().map_or(0, |c| c.num_permits() as u64);
@@ -346,25 +661,33 @@ impl Pipeline {
             return Ok(());
         }
         // Appenders that keep bytes until a part is complete get the whole rest of the part at
-        // once, so that a part once begun can always be completed; others take what a frame needs.
-        let body_left = self.bounds.remaining - self.received + len;
-        let wanted = match self.appender.as_ref().and_then(|a| a.holds_until()) {
-            Some(part_rest) => part_rest.min(body_left).max(len),
-            None => len,
+        // once, so that a part once begun can always be completed; others take what a frame
+        // needs.
+        let body_left = self.remaining - self.received + len;
+        let part_rest = self.shared.lock().appender.as_ref().and_then(|a| a.holds_until());
+        let wanted = match part_rest {
+            Some(rest) if self.holds_parts => rest.min(body_left).max(len),
+            _ => len,
         };
         self.acquiring = Some(self.budget.acquire(wanted.saturating_sub(credit).max(1)));
         self.parked = Some(data);
         Ok(())
     }
 
-    fn add_credit(&mut self, permit: OwnedSemaphorePermit) {
+    fn acquired(&mut self, permit: std::result::Result<OwnedSemaphorePermit, AcquireError>) -> Result<()> {
+        self.acquiring = None;
+        let permit = permit.map_err(|e| UploadError::Internal(e.into()))?;
         match &mut self.credit {
             Some(credit) => credit.merge(permit),
             None => self.credit = Some(permit),
         }
+        if let Some(frame) = self.parked.take() {
+            self.take_frame(frame);
+        }
+        Ok(())
     }
 
-    /// Wraps a frame with its share of the budget and queues it.
+    /// Wraps a frame with its share of the budget and queues it for hashing.
     fn take_frame(&mut self, data: Bytes) {
         let len = data.len();
         let credit = self.credit.as_mut().expect("a frame is taken only with credit for it");
@@ -373,54 +696,37 @@ impl Pipeline {
         } else {
             credit.split(len).expect("credit covers the frame")
         };
-        self.pending_len += len as u64;
-        self.pending.push(Bytes::from_owner(Held { data, _permit: permit }));
+        let frame = Bytes::from_owner(Held { data, _permit: permit });
+        let mut q = self.shared.lock();
+        q.in_flight += len as u64;
+        q.to_hash_len += len as u64;
+        q.to_hash.push_back(frame);
+        if q.to_hash_len >= STAGE_START {
+            Self::start_hashing(&self.shared, &mut q);
+        }
     }
 
-    /// Starts whatever stage is free and has work, forming the next batch when both stages
-    /// have taken the one before it.
-    fn dispatch(&mut self) {
-        if self.to_hash.is_none() && self.to_write.is_none() && self.pending_len > 0 {
-            let mut size = 0u64;
-            let take = self
-                .pending
-                .iter()
-                .take_while(|frame| {
-                    let fits = size == 0 || size + frame.len() as u64 <= BATCH_LIMIT;
-                    if fits {
-                        size += frame.len() as u64;
-                    }
-                    fits
-                })
-                .count();
-            let batch: Vec<Bytes> = self.pending.drain(..take).collect();
-            self.pending_len -= size;
-            self.to_hash = Some(batch.clone());
-            self.to_write = Some(batch);
+    /// The request task is about to wait (for the socket, for room, for the end): the stages
+    /// take what is queued.
+    fn kick(&self) {
+        Self::start_hashing(&self.shared, &mut self.shared.lock());
+    }
+
+    /// Takes what the body has ready without waiting for more; false when nothing was ready.
+    fn take_ready(&mut self, body: &mut BodyStream) -> Result<Option<Option<Ending>>> {
+        use futures_util::FutureExt;
+        match body.next().now_or_never() {
+            Some(next) => self.next(Ok(next)).map(Some),
+            None => Ok(None),
         }
-        if self.hashing.is_none()
-            && let Some(batch) = self.to_hash.take()
-        {
-            let mut hashes = self.hashes.take().expect("the hash stage is idle");
-            self.hashing = Some(tokio::task::spawn_blocking(move || {
-                for frame in &batch {
-                    hashes.file.update(frame);
-                    for h in hashes.chunk.iter_mut() {
-                        h.update(frame);
-                    }
-                }
-                hashes
-            }));
-        }
-        if self.writing.is_none()
-            && self.appender.is_some()
-            && let Some(batch) = self.to_write.take()
-        {
-            let mut appender = self.appender.take().expect("the write stage is idle");
-            self.writing = Some(tokio::spawn(async move {
-                let result = appender.write(batch).await;
-                (appender, result)
-            }));
+    }
+
+    /// Starts the hash stage when it has work and is not running (and has its state).
+    fn start_hashing(shared: &Arc<Shared>, q: &mut Queues) {
+        if !q.hashing && q.hashes.is_some() && !q.to_hash.is_empty() {
+            q.hashing = true;
+            let shared = shared.clone();
+            tokio::task::spawn_blocking(move || hash_stage(shared));
         }
     }
 }

@@ -36,9 +36,15 @@ struct GateState {
 
 type Gate = Arc<tokio::sync::Mutex<GateState>>;
 
+/// How many uploads' last committed hash states are remembered.
+const RECENT_STATES: usize = 4096;
+
 #[derive(Default)]
 pub struct Writers {
     gates: Mutex<HashMap<UploadId, Gate>>,
+    /// The hash state this instance committed last for an upload, at which offset: the next
+    /// append at that offset can start hashing before its lease confirms the state.
+    recent: Mutex<HashMap<UploadId, (u64, Vec<u8>)>>,
 }
 
 /// A use of one upload's gate; the gate is forgotten when its last use ends.
@@ -101,6 +107,26 @@ impl Writers {
         let gate = self.gate(id, true).expect("created");
         let guard = tokio::time::timeout(SETTLE_WAIT, gate.gate.clone().lock_owned()).await.ok();
         Entry { gate, guard }
+    }
+}
+
+impl Writers {
+    /// Remembers the hash state committed at `offset`.
+    pub fn committed(&self, id: UploadId, offset: u64, state: &[u8]) {
+        let mut recent = self.recent.lock().expect("recent states lock");
+        if recent.len() >= RECENT_STATES && !recent.contains_key(&id) {
+            // Forget one; any will do (a miss only means waiting for the lease to hash).
+            if let Some(other) = recent.keys().next().copied() {
+                recent.remove(&other);
+            }
+        }
+        recent.insert(id, (offset, state.to_vec()));
+    }
+
+    /// The hash state this instance committed last at exactly `offset`, if it did.
+    pub fn committed_state(&self, id: UploadId, offset: u64) -> Option<Vec<u8>> {
+        let recent = self.recent.lock().expect("recent states lock");
+        recent.get(&id).filter(|(at, _)| *at == offset).map(|(_, state)| state.clone())
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::{
     Row,
-    postgres::{PgPool, PgPoolOptions},
+    postgres::{PgConnectOptions, PgPool, PgPoolOptions},
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
 };
 use uuid::Uuid;
@@ -29,8 +29,15 @@ pub struct PgRepo {
 
 impl PgRepo {
     pub async fn connect(url: &str) -> Result<Self> {
-        let pool =
-            PgPoolOptions::new().max_connections(16).acquire_timeout(Duration::from_secs(10)).connect(url).await?;
+        // Commits do not wait for PostgreSQL's WAL flush unless their transaction asks to (see
+        // `DURABLE` below): a lease or an offset lost in a database crash only makes the offset
+        // lag the bytes, which stay honest. That saves a disk flush, 0.3 ms here, twice a PATCH.
+        let options = PgConnectOptions::from_str(url)?.options([("synchronous_commit", "off")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
         Ok(Self { pool })
     }
 }
@@ -184,8 +191,22 @@ where
     })
 }
 
+/// Opens a transaction whose commit must be durable before the caller goes on: one whose effect
+/// is answered to a client as final (a completion), or followed by a side effect outside the
+/// database (deleting bytes). `$durable` is the statement that asks for it (PostgreSQL runs with
+/// `synchronous_commit = off` otherwise; SQLite has nothing to ask).
+macro_rules! durable_tx {
+    ($pool:expr, $durable:literal) => {{
+        let mut tx = $pool.begin().await?;
+        if !$durable.is_empty() {
+            sqlx::query($durable).execute(&mut *tx).await?;
+        }
+        tx
+    }};
+}
+
 macro_rules! sql_repo {
-    ($repo:ty, $migrations:literal, $skip_locked:literal) => {
+    ($repo:ty, $migrations:literal, $skip_locked:literal, $durable:literal) => {
 
         #[async_trait]
         impl Repo for $repo {
@@ -205,7 +226,7 @@ macro_rules! sql_repo {
 
             async fn insert(&self, upload: &NewUpload, events: &[NewEvent]) -> Result<()> {
                 let (concat, concat_parts) = concat_columns(&upload.concat);
-                let mut tx = self.pool.begin().await?;
+                let mut tx = durable_tx!(self.pool, $durable);
                 sqlx::query(
                     "INSERT INTO uploads (id, length, upload_offset, metadata, state, concat, concat_parts, \
                      hash_state, sha256, owner, created_at, updated_at, expires_at, multipart_id, part_size, size_limit, key_prefix) \
@@ -297,7 +318,7 @@ macro_rules! sql_repo {
                     // One statement is its own transaction.
                     return Ok(update.execute(&self.pool).await?.rows_affected() == 1);
                 }
-                let mut tx = self.pool.begin().await?;
+                let mut tx = if c.events.is_empty() { self.pool.begin().await? } else { durable_tx!(self.pool, $durable) };
                 if update.execute(&mut *tx).await?.rows_affected() != 1 {
                     return Ok(false);
                 }
@@ -406,7 +427,7 @@ macro_rules! sql_repo {
             }
 
             async fn terminate(&self, id: UploadId, now: i64, events: &[NewEvent]) -> Result<bool> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = durable_tx!(self.pool, $durable);
                 let result = sqlx::query(
                     "UPDATE uploads SET state = 'terminated', updated_at = $2, expires_at = NULL, \
                      write_gen = write_gen + 1 \
@@ -440,7 +461,7 @@ macro_rules! sql_repo {
             }
 
             async fn expire(&self, id: UploadId, now: i64, events: &[NewEvent]) -> Result<bool> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = durable_tx!(self.pool, $durable);
                 let result = sqlx::query(
                     "UPDATE uploads SET state = 'expired', updated_at = $2, write_gen = write_gen + 1 \
                      WHERE id = $1 AND state = 'receiving' AND expires_at < $2",
@@ -521,7 +542,7 @@ macro_rules! sql_repo {
                 now: i64,
                 events: &[NewEvent],
             ) -> Result<bool> {
-                let mut tx = self.pool.begin().await?;
+                let mut tx = durable_tx!(self.pool, $durable);
                 let result = sqlx::query(
                     "UPDATE uploads SET state = 'completed', upload_offset = length, sha256 = COALESCE($2, sha256), \
                      claimed_until = NULL, updated_at = $3, expires_at = NULL \
@@ -623,5 +644,5 @@ macro_rules! sql_repo {
 
 // PostgreSQL lets dispatchers on several instances skip each other's rows; SQLite serialises
 // writers anyway.
-sql_repo!(PgRepo, "migrations/postgres", "FOR UPDATE SKIP LOCKED");
-sql_repo!(SqliteRepo, "migrations/sqlite", "");
+sql_repo!(PgRepo, "migrations/postgres", "FOR UPDATE SKIP LOCKED", "SET LOCAL synchronous_commit = on");
+sql_repo!(SqliteRepo, "migrations/sqlite", "", "");

@@ -418,7 +418,11 @@ impl Pipeline {
 
     /// Receives the body while `work` runs (the lease, opening the store), so that the first
     /// bytes need not wait for it; returns what `work` returns. Nothing is hashed or written yet.
-    pub async fn receive_during<T>(&mut self, body: &mut BodyStream, work: impl Future<Output = Result<T>>) -> Result<T> {
+    pub async fn receive_during<T>(
+        &mut self,
+        body: &mut BodyStream,
+        work: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
         tokio::pin!(work);
         loop {
             let reading = self.ended.is_none() && self.can_read();

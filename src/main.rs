@@ -11,12 +11,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// Threads of the async runtime: one per core but one (at least one), unless
-/// `TOKIO_WORKER_THREADS` says otherwise. The async side only moves bytes between sockets and
+/// `FERRY_WORKER_THREADS` says otherwise. The async side only moves bytes between sockets and
 /// queues; hashing and writing run on threads of their own (one of each per upload receiving),
 /// and a core left to them keeps the runtime from fighting its own stages for it (on two cores,
 /// 0.6 s less CPU per GiB with 1 MiB chunks, measured with `FERRY_BENCH_TARGET`).
 fn async_workers() -> usize {
-    std::env::var("TOKIO_WORKER_THREADS")
+    std::env::var("FERRY_WORKER_THREADS")
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1)))
@@ -52,8 +52,8 @@ fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters (it takes the allocator's own locks).
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
     }
 }
 

@@ -24,7 +24,11 @@ use crate::{
 
 /// PostgreSQL: what production runs; several instances share one database.
 pub struct PgRepo {
+    /// Statements that write.
     pool: PgPool,
+    /// Statements that only read (HEAD, GET, the sweeper's lists): a pool of their own, so that
+    /// a burst of appends never makes a HEAD wait for a connection.
+    reader: PgPool,
 }
 
 impl PgRepo {
@@ -36,15 +40,25 @@ impl PgRepo {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await?;
+        let reader = PgPoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        Ok(Self { pool, reader })
     }
 }
 
 /// SQLite: the zero-setup default for one node.
 pub struct SqliteRepo {
+    /// The one connection that writes. SQLite lets one writer in at a time; several connections
+    /// trying would wait for each other in SQLite's busy handler, which sleeps (up to 100 ms a
+    /// try) instead of queueing, so writes queue here instead, in order.
     pool: SqlitePool,
+    /// Connections that only read: in WAL mode they never wait for the writer.
+    reader: SqlitePool,
 }
 
 impl SqliteRepo {
@@ -57,8 +71,9 @@ impl SqliteRepo {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
-        Ok(Self { pool })
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options.clone()).await?;
+        let reader = SqlitePoolOptions::new().max_connections(8).connect_with(options).await?;
+        Ok(Self { pool, reader })
     }
 }
 
@@ -216,7 +231,7 @@ macro_rules! sql_repo {
             }
 
             async fn ping(&self) -> Result<()> {
-                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                sqlx::query("SELECT 1").execute(&self.reader).await?;
                 Ok(())
             }
 
@@ -258,7 +273,7 @@ macro_rules! sql_repo {
             async fn get(&self, id: UploadId) -> Result<Option<UploadRow>> {
                 let row = sqlx::query(&format!("SELECT {COLUMNS} FROM uploads WHERE id = $1"))
                     .bind(id.uuid())
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&self.reader)
                     .await?;
                 row.as_ref().map(decode).transpose()
             }
@@ -395,7 +410,7 @@ macro_rules! sql_repo {
                     "SELECT part_index, size, content_id FROM upload_parts WHERE upload_id = $1 ORDER BY part_index",
                 )
                 .bind(id.uuid())
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reader)
                 .await?;
                 rows.iter()
                     .map(|row| {
@@ -413,7 +428,7 @@ macro_rules! sql_repo {
                     "SELECT chunk_offset, size, object_key FROM upload_staged WHERE upload_id = $1 ORDER BY chunk_offset",
                 )
                 .bind(id.uuid())
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reader)
                 .await?;
                 rows.iter()
                     .map(|row| {
@@ -455,7 +470,7 @@ macro_rules! sql_repo {
                 ))
                 .bind(now)
                 .bind(limit)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reader)
                 .await?;
                 rows.iter().map(decode).collect()
             }
@@ -483,7 +498,7 @@ macro_rules! sql_repo {
                     "SELECT id FROM uploads WHERE state IN ('terminated', 'expired') AND NOT bytes_deleted LIMIT $1",
                 )
                 .bind(limit)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reader)
                 .await?;
                 rows.iter().map(|row| Ok(UploadId::from_uuid(row.try_get("id")?))).collect()
             }
@@ -617,7 +632,7 @@ macro_rules! sql_repo {
                     "SELECT {EVENT_COLUMNS} FROM events WHERE {filter} ORDER BY seq DESC LIMIT $1"
                 ))
                 .bind(limit)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reader)
                 .await?;
                 rows.iter().map(decode_event).collect()
             }

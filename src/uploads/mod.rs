@@ -423,7 +423,8 @@ impl Uploads {
             _ => {}
         }
         tracing::info!(upload = %id, length = ?length, "upload created");
-        self.get(id).await
+        // What was just inserted, without reading it back.
+        Ok(row.into())
     }
 
     /// Checks the partial uploads named by a final upload and returns their total length.

@@ -42,9 +42,13 @@ use crate::store::{AppendOutcome, Appender, StoreError};
 pub const IN_FLIGHT_LIMIT: u64 = 4 << 20;
 /// The most one pass of a stage takes from its queue.
 const STAGE_BATCH: u64 = 2 << 20;
-/// While the body keeps coming, the hash stage is started once this much waits for it (or when
-/// the socket has nothing more for the moment): every start costs a thread wake-up.
+/// While the body keeps coming, the hash stage is started once this much waits for it: every
+/// start costs a thread wake-up.
 const STAGE_START: u64 = 512 << 10;
+/// A slower body's bytes wait at most this long for the hash stage, so that a slow client's small
+/// frames go through a few at a time rather than each on its own (what waits is only what that
+/// connection received; it is all written before the commit).
+const STAGE_DELAY: Duration = Duration::from_millis(500);
 /// The smallest budget allowed: well above the largest frame the HTTP layer hands over.
 pub const MIN_BUDGET: u64 = 1 << 20;
 
@@ -218,6 +222,8 @@ pub struct Pipeline {
     ended: Option<Ending>,
     /// The saved hash state hashing started from before the lease confirmed it.
     started_from: Option<Vec<u8>>,
+    /// Since when bytes wait for the hash stage, which is not running.
+    waiting_since: Option<tokio::time::Instant>,
 }
 
 impl Drop for Pipeline {
@@ -228,6 +234,14 @@ impl Drop for Pipeline {
         if q.failed.is_none() {
             q.failed = Some(StoreError::Other("the append ended".into()));
         }
+    }
+}
+
+/// Sleeps until `due`, or never when there is none (for `select!` branches).
+async fn sleep_until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -388,6 +402,7 @@ impl Pipeline {
             received: 0,
             ended: None,
             started_from: None,
+            waiting_since: None,
         };
         if let Some(state) = likely_state
             && let Ok(hasher) = FileHasher::restore(&state)
@@ -436,11 +451,12 @@ impl Pipeline {
                     None => {}
                 }
             }
-            self.kick();
+            let due = self.stage_due(reading);
             tokio::select! {
                 biased;
                 done = &mut work => return done,
                 permit = next_of(&mut self.acquiring) => self.acquired(permit)?,
+                () = sleep_until(due), if due.is_some() => self.kick(),
                 next = tokio::time::timeout(self.idle_timeout, body.next()), if reading => {
                     if let Some(ending) = self.next(next)? {
                         self.ended = Some(ending);
@@ -528,13 +544,14 @@ impl Pipeline {
                     None => {}
                 }
             }
-            self.kick();
+            let due = self.stage_due(reading);
             tokio::select! {
                 biased;
                 () = superseded.cancelled() => return Err(super::superseded()),
                 () = stopping.cancelled() => return Ok(Ending::Stopped),
                 () = self.shared.changed.notified() => {}
                 permit = next_of(&mut self.acquiring) => self.acquired(permit)?,
+                () = sleep_until(due), if due.is_some() => self.kick(),
                 next = tokio::time::timeout(self.idle_timeout, body.next()), if reading => {
                     if let Some(ending) = self.next(next)? {
                         return Ok(ending);
@@ -710,10 +727,31 @@ impl Pipeline {
         }
     }
 
-    /// The request task is about to wait (for the socket, for room, for the end): the stages
-    /// take what is queued.
+    /// The stages take what is queued.
     fn kick(&self) {
         Self::start_hashing(&self.shared, &mut self.shared.lock());
+    }
+
+    /// Before the request task waits: starts the hash stage now if the body cannot be read (the
+    /// stages must make room) or bytes waited [`STAGE_DELAY`]; otherwise returns when they will
+    /// have.
+    fn stage_due(&mut self, reading: bool) -> Option<tokio::time::Instant> {
+        let idle_with_work = {
+            let q = self.shared.lock();
+            !q.hashing && q.hashes.is_some() && !q.to_hash.is_empty()
+        };
+        if !idle_with_work {
+            self.waiting_since = None;
+            return None;
+        }
+        let now = tokio::time::Instant::now();
+        let due = *self.waiting_since.get_or_insert(now) + STAGE_DELAY;
+        if !reading || due <= now {
+            self.waiting_since = None;
+            self.kick();
+            return None;
+        }
+        Some(due)
     }
 
     /// Takes what the body has ready without waiting for more; false when nothing was ready.

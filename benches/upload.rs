@@ -26,6 +26,9 @@ mod azurite;
 mod client;
 #[path = "support/reference.rs"]
 mod reference;
+#[path = "../tests/api/s3api.rs"]
+#[allow(dead_code)]
+mod s3api;
 #[path = "support/servers.rs"]
 mod servers;
 
@@ -205,7 +208,7 @@ async fn run() {
         }
     }
     if wants("stores") {
-        println!("\n== stores: not in this build of the benchmark");
+        stores(scratch.path(), postgres, &mut targets).await;
     }
     if let Some(database) = &database {
         database.drop_now().await;
@@ -495,5 +498,169 @@ async fn slow(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
     let mut conn = client::Conn::open(server.addr).await;
     for path in paths {
         let _ = conn.send("DELETE", &path, &[("tus-resumable", "1.0.0".into())], client::empty()).await;
+    }
+}
+
+/// An object store the benchmark measures ferry on.
+enum ObjectStoreRow {
+    S3(s3api::S3Credentials, String),
+    Azure(String, String),
+}
+
+impl ObjectStoreRow {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::S3(..) => "S3 (Garage)",
+            Self::Azure(..) => "Azure (Azurite)",
+        }
+    }
+
+    /// ferry's arguments and environment for this store.
+    fn ferry_args(&self) -> (Vec<String>, Vec<(String, String)>) {
+        match self {
+            Self::S3(c, bucket) => (
+                vec!["--store".into(), format!("s3://{bucket}/ferry")],
+                [
+                    ("AWS_ENDPOINT", c.endpoint.as_str()),
+                    ("AWS_ALLOW_HTTP", "true"),
+                    ("AWS_ACCESS_KEY_ID", c.key_id.as_str()),
+                    ("AWS_SECRET_ACCESS_KEY", c.secret.as_str()),
+                    ("AWS_REGION", c.region.as_str()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ),
+            Self::Azure(endpoint, container) => {
+                let mut args = vec!["--store".to_string(), format!("az://{container}/ferry")];
+                for (key, value) in azurite::store_options(endpoint) {
+                    args.push("--store-option".into());
+                    args.push(format!("{key}={value}"));
+                }
+                (args, Vec::new())
+            }
+        }
+    }
+
+    /// The reference's client: object_store on the same bucket or container.
+    fn multipart(&self) -> Box<dyn object_store::multipart::MultipartStore> {
+        match self {
+            Self::S3(c, bucket) => Box::new(
+                object_store::aws::AmazonS3Builder::new()
+                    .with_endpoint(&c.endpoint)
+                    .with_allow_http(true)
+                    .with_bucket_name(bucket)
+                    .with_region(&c.region)
+                    .with_access_key_id(&c.key_id)
+                    .with_secret_access_key(&c.secret)
+                    .build()
+                    .unwrap(),
+            ),
+            Self::Azure(endpoint, container) => Box::new(azurite::container_store(endpoint, container)),
+        }
+    }
+}
+
+/// The reference on an object store: the same bytes as one multipart upload of 8 MiB parts, one
+/// part after the other (what any uploader has to do at least; on Azure, Put Block calls and one
+/// Put Block List).
+async fn plain_multipart(store: &dyn object_store::multipart::MultipartStore, data: &Bytes) -> Duration {
+    use object_store::{PutPayload, path::Path};
+    let path = Path::from(format!("reference-{}", uuid::Uuid::new_v4().simple()));
+    let started = Instant::now();
+    let id = store.create_multipart(&path).await.unwrap();
+    let mut parts = Vec::new();
+    for (index, part) in data.chunks(8 * MIB).enumerate() {
+        let payload = PutPayload::from(data.slice_ref(part));
+        parts.push(store.put_part(&path, &id, index, payload).await.unwrap());
+    }
+    store.complete_multipart(&path, &id, parts).await.unwrap();
+    started.elapsed()
+}
+
+async fn stores(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
+    let size = env_number("FERRY_BENCH_FILE_MIB", 256) * MIB;
+    let rounds = env_number("FERRY_BENCH_ROUNDS", 5);
+    let data = test_data(size);
+    let http = reqwest::Client::new();
+    let mut rows = Vec::new();
+    // S3: the API the tests use (FERRY_TEST_S3_*), or a Garage of the benchmark's own.
+    let garage;
+    let credentials = match s3api::S3Credentials::try_from_env() {
+        Some(credentials) => Some(credentials),
+        None => {
+            garage = servers::Garage::start(scratch);
+            garage.as_ref().map(|g| {
+                let get = |k: &str| g.env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).unwrap_or_default();
+                s3api::S3Credentials {
+                    endpoint: get(s3api::S3_ENDPOINT_VAR),
+                    key_id: get(s3api::S3_KEY_ID_VAR),
+                    secret: get(s3api::S3_SECRET_VAR),
+                    region: get(s3api::S3_REGION_VAR),
+                }
+            })
+        }
+    };
+    match credentials {
+        Some(credentials) => {
+            let bucket = format!("ferry-bench-{}", uuid::Uuid::new_v4().simple());
+            let (status, body) =
+                s3api::s3_call(&http, &credentials, reqwest::Method::PUT, &format!("/{bucket}"), &[]).await.unwrap();
+            assert!(status.is_success(), "CreateBucket {bucket}: {status}: {body}");
+            rows.push(ObjectStoreRow::S3(credentials, bucket));
+        }
+        None => {
+            println!("(no S3 rows: no FERRY_TEST_S3_* settings and no Garage built; `tests/garage path` builds it)");
+            targets.missing("S3 API: ferry / plain multipart upload >= 0.8", "no S3 API");
+        }
+    }
+    let azurite_dir = tempfile::tempdir_in(scratch).unwrap();
+    let azurite = servers::azurite(azurite_dir.path());
+    match &azurite {
+        Some((_, endpoint)) => {
+            azurite::create_container(&http, endpoint, "bench").await;
+            rows.push(ObjectStoreRow::Azure(endpoint.clone(), "bench".into()));
+        }
+        None => {
+            println!("(no Azure rows: Azurite is not installed; `bash tests/run` installs it)");
+            targets.missing("Azurite: ferry / plain multipart upload >= 0.8", "no Azurite");
+        }
+    }
+    println!(
+        "\n== stores: one upload of {} MiB through ferry (PostgreSQL) against a plain multipart upload in 8 MiB \
+         parts, {rounds} interleaved rounds",
+        size / MIB
+    );
+    println!(
+        "{:<18} {:>14} {:>14} {:>14} {:>12} {:>12}",
+        "store", "plain MB/s", "ferry 8 MiB", "ferry 1 MiB", "8 MiB ratio", "1 MiB ratio"
+    );
+    for row in &rows {
+        let (args, env) = row.ferry_args();
+        let server = servers::ferry(&format!("ferry on {}", row.name()), scratch, postgres, &args, &env);
+        let reference = row.multipart();
+        let mut plain = Vec::new();
+        let mut ferry = [Vec::new(), Vec::new()];
+        let mut ratios = [Vec::new(), Vec::new()];
+        for _round in 0..rounds {
+            let plain_rate = mb_per_s(size, plain_multipart(reference.as_ref(), &data).await);
+            plain.push(plain_rate);
+            for (i, chunk) in CHUNKS.iter().enumerate() {
+                let rate = mb_per_s(size, client::timed_upload(server.addr, &server.base_path, &data, *chunk).await);
+                ferry[i].push(rate);
+                ratios[i].push(rate / plain_rate);
+            }
+        }
+        let ratio = [median(&mut ratios[0]), median(&mut ratios[1])];
+        println!(
+            "{:<18} {:>14.0} {:>14.0} {:>14.0} {:>11.2}x {:>11.2}x",
+            row.name(),
+            median(&mut plain),
+            median(&mut ferry[0]),
+            median(&mut ferry[1]),
+            ratio[0],
+            ratio[1]
+        );
+        targets.ratio(&format!("{}: ferry (8 MiB chunks) / plain multipart upload >= 0.8", row.name()), ratio[0], 0.8);
     }
 }

@@ -164,3 +164,69 @@ pub fn rustus(binary: &Path, scratch: &Path) -> Server {
     wait_for_port(port, "rustus", &mut child);
     Server { name: "rustus".into(), addr: ([127, 0, 0, 1], port).into(), base_path: "/files/".into(), child, _dir: dir }
 }
+
+/// A process the benchmark started for a store (Azurite), killed when dropped.
+pub struct Helper(Child);
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Azurite's Blob service (from tests/azurite, where tests/run installs it, or the PATH), its
+/// data in `dir`; its endpoint.
+pub fn azurite(dir: &Path) -> Option<(Helper, String)> {
+    let local = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/azurite/node_modules/.bin/azurite-blob");
+    let program = if Path::new(local).exists() { local.to_string() } else { "azurite-blob".to_string() };
+    let port = free_port();
+    let mut child = Command::new(program)
+        .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string(), "--location"])
+        .arg(dir)
+        .args(["--silent", "--disableTelemetry", "--skipApiVersionCheck"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    wait_for_port(port, "Azurite", &mut child);
+    Some((Helper(child), format!("http://127.0.0.1:{port}")))
+}
+
+/// A single-node Garage started with `tests/garage start` in `dir` (stopped when dropped), when
+/// its binary is built (`tests/garage path` builds it); the settings it wrote to `dir/env`.
+pub struct Garage {
+    dir: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+impl Garage {
+    pub fn start(dir: &Path) -> Option<Self> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/garage");
+        let cache = std::env::var_os("FERRY_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ferry")))?;
+        if std::env::var_os("FERRY_GARAGE").is_none() && !cache.join("garage/bin/garage").is_file() {
+            return None;
+        }
+        let dir = dir.join("garage");
+        let started = Command::new(script).arg("start").arg(&dir).stdout(Stdio::null()).status().ok()?;
+        if !started.success() {
+            return None;
+        }
+        let text = std::fs::read_to_string(dir.join("env")).ok()?;
+        let env = text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').trim_matches('\'').to_string()))
+            .collect();
+        Some(Self { dir, env })
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/garage");
+        let _ = Command::new(script).arg("stop").arg(&self.dir).stdout(Stdio::null()).status();
+    }
+}

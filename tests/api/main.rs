@@ -3,6 +3,7 @@
 
 mod azurite;
 mod helpers;
+mod s3api;
 
 mod access;
 mod azure;

@@ -19,7 +19,7 @@ use crate::{
         precreate::{PreCreate, PreCreateSettings},
     },
     http::auth::TokenVerifier,
-    http::{self, AppState},
+    http::{self, AppState, connection::ConnectionIo},
     repo::{self, Repo},
     store::{self, Instrumented, ObjectStoreOptions, Store},
     telemetry::Metrics,
@@ -187,7 +187,6 @@ pub async fn launch(
         });
     }
     let service = tower::ServiceBuilder::new().map_request(http::method_override).service(app.router.clone());
-    let service = TowerToHyperService::new(service);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -210,7 +209,14 @@ pub async fn launch(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let connection = builder.serve_connection(TokioIo::new(stream), service.clone());
+                let (io, handle) = ConnectionIo::new(stream);
+                let service = tower::ServiceBuilder::new()
+                    .map_request(move |mut request: ::http::Request<hyper::body::Incoming>| {
+                        request.extensions_mut().insert(handle.clone());
+                        request
+                    })
+                    .service(service.clone());
+                let connection = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
@@ -233,7 +239,10 @@ pub async fn launch(
             app.uploads.stop_appends();
             tokio::select! {
                 () = &mut drained => {}
-                () = tokio::time::sleep(FINAL_DRAIN) => tracing::warn!("connections still open were closed"),
+                () = tokio::time::sleep(FINAL_DRAIN) => {
+                    let (receiving, committing) = app.uploads.appends_running();
+                    tracing::warn!(?receiving, ?committing, "connections still open were closed");
+                }
             }
         }
     }

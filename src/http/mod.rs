@@ -1,6 +1,7 @@
 //! HTTP: the axum router, tus handlers, downloads, the web page, CORS and method override.
 
 pub mod auth;
+pub mod connection;
 mod download;
 pub mod error;
 pub mod headers;

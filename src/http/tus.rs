@@ -1,5 +1,7 @@
 //! The tus 1.0.0 handlers: OPTIONS, POST, HEAD, PATCH, DELETE.
 
+use std::sync::Arc;
+
 use axum::{
     Extension,
     body::Body,
@@ -11,10 +13,10 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
-use super::{AppState, auth::Caller, error::ApiError, headers};
+use super::{AppState, auth::Caller, connection::Connection, error::ApiError, headers};
 use crate::hooks::precreate::{Decision, PreCreateRequest};
 use crate::uploads::{
-    AppendRequest, BodyEvent, BodyStream, CreateConcat, CreateRequest, Upload,
+    AppendRequest, BodyEvent, BodyStream, ClientLink, CreateConcat, CreateRequest, Upload,
     types::{Checksum, ChecksumAlgorithm, ChecksumPlan, Concat, UploadId},
 };
 
@@ -114,6 +116,7 @@ fn set_expires(headers: &mut HeaderMap, expires_at: Option<i64>) {
 pub async fn create(
     State(state): State<AppState>,
     caller: Option<Extension<Caller>>,
+    connection: Option<Extension<Connection>>,
     request_headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -206,7 +209,8 @@ pub async fn create(
     let mut failure = None;
     if with_body {
         let owner = upload.owner.clone();
-        let append = AppendRequest { id: upload.id, offset: 0, length: None, checksum, content_length, owner };
+        let client = client_link(connection);
+        let append = AppendRequest { id: upload.id, offset: 0, length: None, checksum, content_length, owner, client };
         match state.uploads.append(append, body_stream(body)).await {
             Ok(appended) => {
                 offset = appended.offset;
@@ -279,6 +283,12 @@ pub async fn head(
     Ok(response)
 }
 
+/// The request's connection as the domain sees it (absent when served by something else than
+/// ferry's own listener, as in tests that call the router directly).
+fn client_link(connection: Option<Extension<Connection>>) -> Option<Arc<dyn ClientLink>> {
+    connection.map(|Extension(c)| Arc::new(c) as Arc<dyn ClientLink>)
+}
+
 fn concat_header(state: &AppState, upload: &Upload) -> Option<HeaderValue> {
     match &upload.concat {
         Concat::None => None,
@@ -294,6 +304,7 @@ fn concat_header(state: &AppState, upload: &Upload) -> Option<HeaderValue> {
 pub async fn append(
     State(state): State<AppState>,
     caller: Option<Extension<Caller>>,
+    connection: Option<Extension<Connection>>,
     Path(id): Path<String>,
     request_headers: HeaderMap,
     body: Body,
@@ -314,7 +325,8 @@ pub async fn append(
     let checksum: ChecksumPlan = headers::checksum(&request_headers)?;
     let content_length = headers::content_length(&request_headers)?;
     let owner = owner(&caller).map(str::to_string);
-    let request = AppendRequest { id, offset, length, checksum, content_length, owner };
+    let client = client_link(connection);
+    let request = AppendRequest { id, offset, length, checksum, content_length, owner, client };
     let appended = state.uploads.append(request, body_stream(body)).await?;
     let mut response = StatusCode::NO_CONTENT.into_response();
     response.headers_mut().insert("upload-offset", HeaderValue::from(appended.offset));

@@ -97,7 +97,7 @@ impl Uploads {
     ) -> Result<(UploadRow, super::writers::Writer<'_>, Box<dyn crate::store::Appender>)> {
         let entry = self.writers.enter(request.id).await;
         let row = self.lease(request).await?;
-        let writer = entry.register(row.write_gen).await;
+        let writer = entry.register(row.write_gen, request.client.clone()).await;
         let staged = if row.staged_count > 0 { self.repo.staged(request.id).await? } else { Vec::new() };
         let context = AppendContext {
             id: request.id,

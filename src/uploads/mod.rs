@@ -151,6 +151,16 @@ pub struct AppendRequest {
     /// The caller's identity when uploads have owners (upload tokens): another owner's upload
     /// is answered as if it did not exist.
     pub owner: Option<String>,
+    /// The connection the body arrives on, when the caller can tell whether its client has
+    /// stopped sending.
+    pub client: Option<Arc<dyn ClientLink>>,
+}
+
+/// What an append knows of the connection its body arrives on.
+pub trait ClientLink: Send + Sync + std::fmt::Debug {
+    /// The client has closed or reset its sending side: the body will end (once what was sent
+    /// before has been read), whether or not the server has noticed yet.
+    fn stopped_sending(&self) -> bool;
 }
 
 #[derive(Debug, Clone)]
@@ -267,6 +277,11 @@ impl Uploads {
     /// answers 503, so its client resumes elsewhere from the saved offset.
     pub fn stop_appends(&self) {
         self.stopping.cancel();
+    }
+
+    /// The uploads whose appends run on this instance: (receiving, committing or leasing).
+    pub fn appends_running(&self) -> (Vec<UploadId>, Vec<UploadId>) {
+        self.writers.running()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

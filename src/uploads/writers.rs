@@ -5,6 +5,8 @@
 //!   upload's gate from that moment until its offset is committed. Any newer request for the
 //!   upload on this instance (HEAD, PATCH, DELETE, GET) first waits for the gate, at most
 //!   [`SETTLE_WAIT`], so it sees the bytes that writer received.
+//! - A writer whose client has stopped sending (its FIN or RST has arrived) counts as ended
+//!   even before its request has read that far: a newer request waits for it the same way.
 //! - A writer whose body is still arriving holds no gate. A newer append takes the gate while it
 //!   leases the upload in the database; once it holds the lease, the older writer is told to stop
 //!   (it keeps nothing: the newer request wins). An older writer whose body ends while the newer
@@ -23,15 +25,24 @@ use std::{
 use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 
-use super::types::UploadId;
+use super::{ClientLink, types::UploadId};
 
 /// The longest a request waits for an ended writer of the same upload to commit.
 pub const SETTLE_WAIT: Duration = Duration::from_millis(250);
 
 #[derive(Default)]
 struct GateState {
-    /// The newest writer of the upload on this instance, and how to stop it.
-    writer: Option<(i64, CancellationToken)>,
+    /// The newest writer of the upload on this instance.
+    writer: Option<Running>,
+}
+
+struct Running {
+    generation: i64,
+    /// Cancelled to stop it.
+    stop: CancellationToken,
+    /// Cancelled when it is done (committed or given up).
+    done: CancellationToken,
+    client: Option<Arc<dyn ClientLink>>,
 }
 
 type Gate = Arc<tokio::sync::Mutex<GateState>>;
@@ -75,6 +86,7 @@ pub struct Writer<'a> {
     gate: Use<'a>,
     generation: i64,
     stop: CancellationToken,
+    done: CancellationToken,
 }
 
 /// Held by a writer from the end of its body until its commit is done.
@@ -97,7 +109,7 @@ impl Writers {
     /// what its ended body brought.
     pub async fn settled(&self, id: UploadId) {
         if let Some(gate) = self.gate(id, false) {
-            let _ = tokio::time::timeout(SETTLE_WAIT, gate.gate.clone().lock_owned()).await;
+            let _ = tokio::time::timeout(SETTLE_WAIT, gate.settle()).await;
         }
     }
 
@@ -105,12 +117,46 @@ impl Writers {
     /// while the lease is taken.
     pub async fn enter(&self, id: UploadId) -> Entry<'_> {
         let gate = self.gate(id, true).expect("created");
-        let guard = tokio::time::timeout(SETTLE_WAIT, gate.gate.clone().lock_owned()).await.ok();
+        let guard = tokio::time::timeout(SETTLE_WAIT, gate.settle()).await.ok();
         Entry { gate, guard }
     }
 }
 
+impl Use<'_> {
+    /// Takes the gate once no writer holds it, and once the running writer, if its client has
+    /// stopped sending, is done.
+    async fn settle(&self) -> OwnedMutexGuard<GateState> {
+        loop {
+            let guard = self.gate.clone().lock_owned().await;
+            let ending = guard
+                .writer
+                .as_ref()
+                .filter(|w| !w.done.is_cancelled() && w.client.as_ref().is_some_and(|c| c.stopped_sending()))
+                .map(|w| w.done.clone());
+            let Some(done) = ending else { return guard };
+            // Its request has yet to read the end of the body: let it, and commit.
+            drop(guard);
+            done.cancelled().await;
+        }
+    }
+}
+
 impl Writers {
+    /// The uploads with a writer on this instance: (receiving, committing or leasing). For the
+    /// log, when shutdown has to cut appends off.
+    pub fn running(&self) -> (Vec<UploadId>, Vec<UploadId>) {
+        let gates = self.gates.lock().expect("writers lock");
+        let (mut receiving, mut busy) = (Vec::new(), Vec::new());
+        for (id, gate) in gates.iter() {
+            match gate.try_lock() {
+                Ok(state) if state.writer.as_ref().is_some_and(|w| !w.done.is_cancelled()) => receiving.push(*id),
+                Ok(_) => {}
+                Err(_) => busy.push(*id),
+            }
+        }
+        (receiving, busy)
+    }
+
     /// Remembers the hash state committed at `offset`.
     pub fn committed(&self, id: UploadId, offset: u64, state: &[u8]) {
         let mut recent = self.recent.lock().expect("recent states lock");
@@ -132,7 +178,7 @@ impl Writers {
 
 impl<'a> Entry<'a> {
     /// The append holds the lease of `generation`: the writer before it on this instance stops.
-    pub async fn register(self, generation: i64) -> Writer<'a> {
+    pub async fn register(self, generation: i64, client: Option<Arc<dyn ClientLink>>) -> Writer<'a> {
         let Entry { gate, guard } = self;
         let mut guard = match guard {
             Some(guard) => guard,
@@ -140,11 +186,13 @@ impl<'a> Entry<'a> {
             None => gate.gate.clone().lock_owned().await,
         };
         let stop = CancellationToken::new();
-        if let Some((_, older)) = guard.writer.replace((generation, stop.clone())) {
-            older.cancel();
+        let done = CancellationToken::new();
+        let running = Running { generation, stop: stop.clone(), done: done.clone(), client };
+        if let Some(older) = guard.writer.replace(running) {
+            older.stop.cancel();
         }
         drop(guard);
-        Writer { gate, generation, stop }
+        Writer { gate, generation, stop, done }
     }
 }
 
@@ -167,11 +215,12 @@ impl Writer<'_> {
 
 impl Drop for Writer<'_> {
     fn drop(&mut self) {
+        self.done.cancel();
         // Forget this writer unless a newer one replaced it. The gate may be held by a request
         // waiting on it; then that request's own use keeps the entry, and the stale writer
-        // record does no harm (its token is only ever cancelled).
+        // record does no harm (it is done, and its token is only ever cancelled).
         if let Ok(mut state) = self.gate.gate.try_lock()
-            && state.writer.as_ref().is_some_and(|(g, _)| *g == self.generation)
+            && state.writer.as_ref().is_some_and(|w| w.generation == self.generation)
         {
             state.writer = None;
         }

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod hooks;
 pub mod http;
+pub mod model;
 pub mod repo;
 pub mod server;
 pub mod store;

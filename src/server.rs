@@ -87,9 +87,7 @@ impl App {
             download: args.download,
             tokens,
             precreate,
-            upload_limit: args
-                .max_append_size
-                .map(|n| ::http::HeaderValue::from_str(&format!("max-append-size={n}")).expect("digits")),
+            max_append_size: args.max_append_size,
             behind_proxy: args.behind_proxy,
             probe: (!args.no_probe).then(|| {
                 Arc::new(http::probe::Probe::new(http::probe::ProbeSettings {

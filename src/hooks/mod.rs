@@ -17,8 +17,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    model::now_ms,
     repo::{EventOutcome, EventRow, Repo},
-    uploads::now_ms,
 };
 
 /// A webhook signing secret, `whsec_<base64>` as the Standard Webhooks spec writes them.

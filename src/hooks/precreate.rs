@@ -76,7 +76,7 @@ impl PreCreate {
         let mut call = self.client.post(&self.settings.url).header("content-type", "application/json");
         if !self.settings.secrets.is_empty() {
             let id = format!("pre_{}", uuid::Uuid::new_v4().simple());
-            let timestamp = crate::uploads::now_ms() / 1000;
+            let timestamp = crate::model::now_ms() / 1000;
             call = call
                 .header("webhook-id", &id)
                 .header("webhook-timestamp", timestamp.to_string())
@@ -97,7 +97,9 @@ impl PreCreate {
                 return Decision::Allow(Allowed::default());
             }
             return match serde_json::from_str::<Allowed>(&body) {
-                Ok(allowed) if allowed.key_prefix.as_deref().is_some_and(|p| !crate::store::valid_key_prefix(p)) => {
+                Ok(allowed)
+                    if allowed.key_prefix.as_deref().is_some_and(|p| !crate::model::parts::valid_key_prefix(p)) =>
+                {
                     Decision::Unavailable(
                         "its key_prefix is not a relative path of letters, digits, '.', '_', '-' and '/'".into(),
                     )

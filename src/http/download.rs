@@ -5,13 +5,13 @@ use std::ops::Range;
 
 use axum::{
     body::Body,
-    extract::{Path, State},
+    extract::State,
     response::{IntoResponse, Response},
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 
-use super::{AppState, error::ApiError, tus::parse_id};
+use super::{AppState, error::ApiError};
 use crate::config::DownloadMode;
 use crate::uploads::{Upload, types::Metadata};
 
@@ -38,13 +38,11 @@ const CACHE_CONTROL: &str = "private, max-age=0, must-revalidate";
 
 pub async fn download(
     State(state): State<AppState>,
-    caller: Option<axum::Extension<super::auth::Caller>>,
-    Path(id): Path<String>,
+    upload: super::tus::UploadRef,
     request_headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
     // Conditions apply only to what would otherwise be a 2xx: check completeness first.
-    let upload = state.uploads.completed(id, super::tus::owner(&caller)).await?;
+    let upload = state.uploads.completed(upload.id, upload.owner.as_deref()).await?;
     let size = upload.length.unwrap_or(upload.offset);
     let etag = etag(&upload);
 

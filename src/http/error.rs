@@ -40,7 +40,7 @@ impl ApiError {
         Self::BadHeader(message.into())
     }
 
-    fn status(&self) -> StatusCode {
+    pub fn status(&self) -> StatusCode {
         match self {
             Self::BadHeader(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -53,8 +53,12 @@ impl ApiError {
                 UploadError::Gone(_) => StatusCode::GONE,
                 UploadError::OffsetMismatch { .. } | UploadError::Conflict(_) => StatusCode::CONFLICT,
                 UploadError::Forbidden(_) => StatusCode::FORBIDDEN,
-                UploadError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-                UploadError::Invalid(_) | UploadError::BodyCutOff(_) => StatusCode::BAD_REQUEST,
+                UploadError::TooLarge(_) | UploadError::PastLength(_) => StatusCode::PAYLOAD_TOO_LARGE,
+                UploadError::Invalid(_)
+                | UploadError::BodyCutOff(_)
+                | UploadError::AlreadyComplete
+                | UploadError::LengthMismatch(_)
+                | UploadError::DigestMismatch(_) => StatusCode::BAD_REQUEST,
                 UploadError::ChecksumMismatch => {
                     StatusCode::from_u16(CHECKSUM_MISMATCH).expect("460 is a valid status")
                 }

@@ -1,10 +1,13 @@
 //! HTTP: the axum router, tus handlers, downloads, the web page, CORS and method override.
 
+mod admit;
 pub mod auth;
 pub mod connection;
 mod download;
 pub mod error;
+pub mod fields;
 pub mod headers;
+pub mod ietf;
 pub mod probe;
 pub mod tus;
 mod web;
@@ -12,9 +15,10 @@ mod web;
 use std::time::Duration;
 
 use axum::{
-    Router,
+    Extension, Router,
+    body::Body,
     extract::{MatchedPath, Request, State},
-    http::{HeaderValue, Method, StatusCode, header},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -35,9 +39,9 @@ pub struct AppState {
     pub tokens: Option<std::sync::Arc<auth::TokenVerifier>>,
     /// The application's pre-create hook, when configured.
     pub precreate: Option<std::sync::Arc<crate::hooks::precreate::PreCreate>>,
-    /// `Upload-Limit: max-append-size=N`, the largest request body clients are asked to send
-    /// (`--max-append-size`), made once.
-    pub upload_limit: Option<HeaderValue>,
+    /// The largest request body clients are asked to send (`--max-append-size`), announced in
+    /// `Upload-Limit`.
+    pub max_append_size: Option<u64>,
     /// Whether `Forwarded` / `X-Forwarded-*` from the proxy in front are trusted for URLs.
     pub behind_proxy: bool,
     /// The probe endpoint of `ferry doctor` (`POST {base_path}probe`), unless disabled.
@@ -65,6 +69,9 @@ const EXPOSED_HEADERS: &[&str] = &[
     "www-authenticate",
     "etag",
     "upload-limit",
+    "upload-complete",
+    "upload-draft-interop-version",
+    "accept-patch",
     "retry-after",
 ];
 
@@ -79,6 +86,10 @@ const ALLOWED_HEADERS: &[&str] = &[
     "upload-checksum",
     "upload-concat",
     "tus-resumable",
+    "upload-complete",
+    "upload-draft-interop-version",
+    "content-digest",
+    "content-disposition",
     "x-http-method-override",
     "x-requested-with",
     "range",
@@ -90,14 +101,11 @@ pub fn router(state: AppState, cors_origins: &[String], with_metrics: bool) -> R
     let base = state.base_path.clone();
     let collection = base.trim_end_matches('/').to_string();
     let tus_routes = Router::new()
-        .route(&collection, post(tus::create).options(tus::options))
-        .route(&base, post(tus::create).options(tus::options))
-        .route(
-            &format!("{base}{{id}}"),
-            get(download::download).head(tus::head).patch(tus::append).delete(tus::terminate).options(tus::options),
-        )
+        .route(&collection, post(create).options(tus::options))
+        .route(&base, post(create).options(tus::options))
+        .route(&format!("{base}{{id}}"), get(get_upload).head(head).patch(append).delete(delete).options(tus::options))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token))
-        .layer(axum::middleware::from_fn(tus::tus_resumable));
+        .layer(axum::middleware::from_fn(protocol));
 
     let mut router = Router::new()
         .merge(tus_routes)
@@ -119,6 +127,78 @@ pub fn router(state: AppState, cors_origins: &[String], with_metrics: bool) -> R
             .layer(layer)
             .layer(axum::middleware::map_request(mark_actual_options)),
         None => router,
+    }
+}
+
+/// Tells the two protocols apart: a request with `Tus-Resumable` is tus; one without it that
+/// carries the IETF draft's fields follows the draft (the `Interop` extension says which);
+/// anything else is answered as tus (which asks for `Tus-Resumable`).
+async fn protocol(mut request: Request, next: Next) -> Response {
+    if !request.headers().contains_key("tus-resumable") && ietf::speaks(request.method(), request.headers()) {
+        let interop = ietf::Interop::of(request.headers());
+        request.extensions_mut().insert(interop);
+        return next.run(request).await;
+    }
+    tus::tus_resumable(request, next).await
+}
+
+type Interop = Option<Extension<ietf::Interop>>;
+type CallerOf = Option<Extension<auth::Caller>>;
+type ConnectionOf = Option<Extension<connection::Connection>>;
+
+async fn create(
+    State(state): State<AppState>,
+    interop: Interop,
+    caller: CallerOf,
+    connection: ConnectionOf,
+    version: http::Version,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match interop {
+        Some(Extension(interop)) => ietf::create(state, interop, caller, connection, version, headers, body).await,
+        None => tus::create(State(state), caller, connection, headers, body).await.into_response(),
+    }
+}
+
+async fn head(State(state): State<AppState>, interop: Interop, upload: tus::UploadRef) -> Response {
+    match interop {
+        Some(_) => ietf::offset(state, upload).await,
+        None => tus::head(State(state), upload).await.into_response(),
+    }
+}
+
+/// A download, or the draft's offset retrieval by GET.
+async fn get_upload(
+    State(state): State<AppState>,
+    interop: Interop,
+    upload: tus::UploadRef,
+    headers: HeaderMap,
+) -> Response {
+    match interop {
+        Some(_) => ietf::offset(state, upload).await,
+        None => download::download(State(state), upload, headers).await.into_response(),
+    }
+}
+
+async fn append(
+    State(state): State<AppState>,
+    interop: Interop,
+    upload: tus::UploadRef,
+    connection: ConnectionOf,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match interop {
+        Some(Extension(interop)) => ietf::append(state, interop, upload, connection, headers, body).await,
+        None => tus::append(State(state), upload, connection, headers, body).await.into_response(),
+    }
+}
+
+async fn delete(State(state): State<AppState>, interop: Interop, upload: tus::UploadRef) -> Response {
+    match interop {
+        Some(_) => ietf::cancel(state, upload).await,
+        None => tus::terminate(State(state), upload).await.into_response(),
     }
 }
 

@@ -13,10 +13,9 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
-use super::{AppState, auth::Caller, connection::Connection, error::ApiError, headers};
-use crate::hooks::precreate::{Decision, PreCreateRequest};
+use super::{AppState, admit, auth::Caller, connection::Connection, error::ApiError, headers};
 use crate::uploads::{
-    AppendRequest, BodyEvent, BodyStream, ClientLink, CreateConcat, CreateRequest, Upload,
+    AppendRequest, BodyEvent, BodyStream, ClientLink, CreateConcat, Upload,
     types::{Checksum, ChecksumAlgorithm, ChecksumPlan, Concat, UploadId},
 };
 
@@ -34,7 +33,11 @@ pub async fn tus_resumable(request: Request, next: Next) -> Response {
         let version = request.headers().get("tus-resumable").map(|v| v.to_str().unwrap_or("?"));
         let problem = match version {
             None if method == Method::HEAD => None,
-            None => Some("Tus-Resumable is missing; this server speaks tus 1.0.0".to_string()),
+            None => Some(
+                "Tus-Resumable is missing; this server speaks tus 1.0.0, and HTTP resumable uploads \
+                 (send Upload-Complete and Upload-Draft-Interop-Version)"
+                    .to_string(),
+            ),
             Some(TUS_RESUMABLE) => None,
             Some(other) => Some(format!("tus version '{other}' is not supported; this server speaks tus 1.0.0")),
         };
@@ -50,29 +53,36 @@ fn with_tus_resumable(mut response: Response) -> Response {
     response
 }
 
-/// OPTIONS: what this server supports.
-pub async fn options(State(state): State<AppState>) -> Response {
+/// OPTIONS: what this server supports (for a client of the IETF draft, its limits in full).
+pub async fn options(State(state): State<AppState>, interop: Option<Extension<super::ietf::Interop>>) -> Response {
     let mut response = StatusCode::NO_CONTENT.into_response();
     let h = response.headers_mut();
     h.insert("tus-version", HeaderValue::from_static(TUS_VERSION));
     h.insert("tus-extension", HeaderValue::from_static(TUS_EXTENSIONS));
     h.insert("tus-max-size", HeaderValue::from(state.uploads.settings().max_size));
     h.insert("tus-checksum-algorithm", HeaderValue::from_static(ChecksumAlgorithm::ADVERTISED));
-    set_upload_limit(&state, h);
+    match interop {
+        Some(_) => {
+            h.insert("upload-limit", super::ietf::upload_limit(&state, None, None));
+            // Interop 8 (-11) asks for it; -12 dropped it, and it does no harm there.
+            h.insert("accept-patch", HeaderValue::from_static(super::ietf::PARTIAL_UPLOAD));
+        }
+        None => set_upload_limit(&state, h),
+    }
     response
 }
 
 /// `Upload-Limit: max-append-size=N` (the IETF resumable-uploads draft's field): the largest
 /// body the proxies in front let through, so clients size their chunks below it.
 fn set_upload_limit(state: &AppState, h: &mut HeaderMap) {
-    if let Some(value) = &state.upload_limit {
-        h.insert("upload-limit", value.clone());
+    if let Some(n) = state.max_append_size {
+        h.insert("upload-limit", super::fields::integer_dictionary(&[("max-append-size", n)]));
     }
 }
 
 /// The absolute URL of an upload, from the request's `Host` (or, with `--behind-proxy`, the
 /// scheme and host the proxy in front was asked for); a path when there is no host.
-fn upload_url(state: &AppState, request_headers: &HeaderMap, id: UploadId) -> String {
+pub(super) fn upload_url(state: &AppState, request_headers: &HeaderMap, id: UploadId) -> String {
     let path = format!("{}{id}", state.base_path);
     match headers::origin(request_headers, state.behind_proxy) {
         Some(origin) => format!("{origin}{path}"),
@@ -81,7 +91,7 @@ fn upload_url(state: &AppState, request_headers: &HeaderMap, id: UploadId) -> St
 }
 
 /// Adapts an HTTP body into the domain's stream of data and trailer checksums.
-fn body_stream(body: Body) -> BodyStream {
+pub(super) fn body_stream(body: Body) -> BodyStream {
     http_body_util::BodyStream::new(body)
         .filter_map(|frame| async move {
             match frame {
@@ -122,7 +132,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let length = headers::upload_length(&request_headers)?;
     let deferred = headers::defer_length(&request_headers)?;
-    let mut metadata = headers::metadata(&request_headers)?;
+    let metadata = headers::metadata(&request_headers)?;
     let concat = headers::concat(&request_headers, &state.base_path)?;
     let with_body = headers::has_body(&request_headers)?;
     let checksum = headers::checksum(&request_headers)?;
@@ -158,51 +168,8 @@ pub async fn create(
         .into());
     }
 
-    let caller = caller.map(|Extension(caller)| caller);
-    let mut owner = caller.as_ref().map(|c| c.owner.clone());
-    let mut max_size = caller.as_ref().and_then(|c| c.max_size);
-    let mut key_prefix = None;
-    if let Some(precreate) = &state.precreate {
-        let request = PreCreateRequest {
-            length,
-            metadata: metadata.decoded().into_iter().collect(),
-            concat: match &concat {
-                CreateConcat::None => None,
-                CreateConcat::Partial => Some("partial"),
-                CreateConcat::Final(_) => Some("final"),
-            },
-            headers: precreate
-                .forward_headers()
-                .iter()
-                .filter_map(|name| {
-                    let value = request_headers.get(name.as_str())?.to_str().ok()?;
-                    Some((name.clone(), value.to_string()))
-                })
-                .collect(),
-        };
-        match precreate.ask(&request).await {
-            Decision::Allow(allowed) => {
-                for (key, value) in &allowed.metadata {
-                    metadata.insert(key, value);
-                }
-                // A token's subject wins over the hook's owner; the smaller size limit wins.
-                owner = owner.or(allowed.owner);
-                key_prefix = allowed.key_prefix;
-                max_size = match (max_size, allowed.max_size) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-            }
-            Decision::Deny { status, message } => return Err(ApiError::Refused { status, message }),
-            Decision::Unavailable(reason) => {
-                tracing::warn!(%reason, "the pre-create hook could not be asked");
-                return Err(ApiError::Unavailable(
-                    "the application that approves uploads did not answer; nothing was created, try again later".into(),
-                ));
-            }
-        }
-    }
-    let upload = state.uploads.create(CreateRequest { length, metadata, concat, owner, max_size, key_prefix }).await?;
+    let create = admit::admit(&state, caller, &request_headers, length, metadata, concat).await?;
+    let upload = state.uploads.create(create).await?;
     let location = upload_url(&state, &request_headers, upload.id);
     let mut offset = upload.offset;
     let mut expires_at = upload.expires_at;
@@ -210,7 +177,16 @@ pub async fn create(
     if with_body {
         let owner = upload.owner.clone();
         let client = client_link(connection);
-        let append = AppendRequest { id: upload.id, offset: 0, length: None, checksum, content_length, owner, client };
+        let append = AppendRequest {
+            id: upload.id,
+            offset: 0,
+            length: None,
+            checksum,
+            content_length,
+            owner,
+            client,
+            completes: false,
+        };
         match state.uploads.append(append, body_stream(body)).await {
             Ok(appended) => {
                 offset = appended.offset;
@@ -234,6 +210,32 @@ pub async fn create(
     Ok(response)
 }
 
+/// The upload a request names (`{base}{id}`), and who asks: with upload tokens only the token's
+/// subject may touch an upload (others get 404), the owner the domain checks in the same read of
+/// the upload that serves the request. Shared by both protocols; a malformed id is answered in
+/// the request's protocol.
+pub struct UploadRef {
+    pub id: UploadId,
+    pub owner: Option<String>,
+    /// The caller's token's size limit, if smaller than `--max-size`.
+    pub max_size: Option<u64>,
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for UploadRef {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut http::request::Parts, state: &S) -> Result<Self, Response> {
+        let ietf = parts.extensions.get::<super::ietf::Interop>().is_some();
+        let reject = |e: ApiError| if ietf { super::ietf::problem_response(e) } else { e.into_response() };
+        let Path(id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| reject(ApiError::bad_header("the URL names no upload")))?;
+        let id = parse_id(&id).map_err(reject)?;
+        let caller = parts.extensions.get::<Caller>();
+        Ok(Self { id, owner: caller.map(|c| c.owner.clone()), max_size: caller.and_then(|c| c.max_size) })
+    }
+}
+
 pub fn parse_id(id: &str) -> Result<UploadId, ApiError> {
     id.parse().map_err(|_| {
         crate::uploads::UploadError::NotFound(format!(
@@ -244,20 +246,9 @@ pub fn parse_id(id: &str) -> Result<UploadId, ApiError> {
     })
 }
 
-/// With upload tokens, only the token's subject may touch an upload (others get 404): the owner
-/// the domain checks, in the same read of the upload that serves the request.
-pub fn owner(caller: &Option<Extension<Caller>>) -> Option<&str> {
-    caller.as_ref().map(|Extension(caller)| caller.owner.as_str())
-}
-
 /// HEAD: where an upload stands.
-pub async fn head(
-    State(state): State<AppState>,
-    caller: Option<Extension<Caller>>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    let upload = state.uploads.status(id, owner(&caller)).await?;
+pub async fn head(State(state): State<AppState>, upload: UploadRef) -> Result<Response, ApiError> {
+    let upload = state.uploads.status(upload.id, upload.owner.as_deref()).await?;
     let mut response = StatusCode::OK.into_response();
     let h = response.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -285,7 +276,7 @@ pub async fn head(
 
 /// The request's connection as the domain sees it (absent when served by something else than
 /// ferry's own listener, as in tests that call the router directly).
-fn client_link(connection: Option<Extension<Connection>>) -> Option<Arc<dyn ClientLink>> {
+pub(super) fn client_link(connection: Option<Extension<Connection>>) -> Option<Arc<dyn ClientLink>> {
     connection.map(|Extension(c)| Arc::new(c) as Arc<dyn ClientLink>)
 }
 
@@ -303,18 +294,16 @@ fn concat_header(state: &AppState, upload: &Upload) -> Option<HeaderValue> {
 /// PATCH: append bytes at the upload's offset.
 pub async fn append(
     State(state): State<AppState>,
-    caller: Option<Extension<Caller>>,
+    upload: UploadRef,
     connection: Option<Extension<Connection>>,
-    Path(id): Path<String>,
     request_headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
+    let UploadRef { id, owner, max_size } = upload;
     headers::require_offset_octet_stream(&request_headers)?;
     let offset = headers::upload_offset(&request_headers)?;
     let length = headers::upload_length(&request_headers)?;
-    if let (Some(Extension(caller)), Some(length)) = (&caller, length)
-        && let Some(limit) = caller.max_size
+    if let (Some(limit), Some(length)) = (max_size, length)
         && length > limit
     {
         return Err(crate::uploads::UploadError::TooLarge(format!(
@@ -324,9 +313,8 @@ pub async fn append(
     }
     let checksum: ChecksumPlan = headers::checksum(&request_headers)?;
     let content_length = headers::content_length(&request_headers)?;
-    let owner = owner(&caller).map(str::to_string);
     let client = client_link(connection);
-    let request = AppendRequest { id, offset, length, checksum, content_length, owner, client };
+    let request = AppendRequest { id, offset, length, checksum, content_length, owner, client, completes: false };
     let appended = state.uploads.append(request, body_stream(body)).await?;
     let mut response = StatusCode::NO_CONTENT.into_response();
     response.headers_mut().insert("upload-offset", HeaderValue::from(appended.offset));
@@ -335,12 +323,7 @@ pub async fn append(
 }
 
 /// DELETE: termination.
-pub async fn terminate(
-    State(state): State<AppState>,
-    caller: Option<Extension<Caller>>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    let id = parse_id(&id)?;
-    state.uploads.terminate(id, owner(&caller)).await?;
+pub async fn terminate(State(state): State<AppState>, upload: UploadRef) -> Result<Response, ApiError> {
+    state.uploads.terminate(upload.id, upload.owner.as_deref()).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::{
-    store::{AppendOutcome, Part, Staged, StoreUpload},
-    uploads::types::{Concat, Metadata, UploadId, UploadState},
+use crate::model::{
+    parts::{AppendOutcome, Part, Staged, StoreUpload},
+    types::{Concat, Metadata, UploadId, UploadState},
 };
 
 pub use sql::{PgRepo, SqliteRepo};
@@ -45,6 +45,8 @@ pub struct UploadRow {
     pub staged_count: i64,
     /// A smaller size limit than `--max-size` for this upload.
     pub size_limit: Option<u64>,
+    /// The whole upload's SHA-256 as the client announced it, to be checked on completion.
+    pub expected_sha256: Option<[u8; 32]>,
     pub created_at: i64,
     pub updated_at: i64,
     pub expires_at: Option<i64>,
@@ -63,6 +65,7 @@ pub struct NewUpload {
     pub owner: Option<String>,
     pub store: StoreUpload,
     pub size_limit: Option<u64>,
+    pub expected_sha256: Option<[u8; 32]>,
     pub now: i64,
     pub expires_at: Option<i64>,
 }

@@ -17,9 +17,9 @@ use super::{
     AppendCommit, EventOutcome, EventRow, EventState, Lease, NewEvent, NewUpload, PartClaim, Repo, RepoError, Result,
     UploadRow,
 };
-use crate::{
-    store::{Part, Staged, StoreUpload},
-    uploads::types::{Concat, Metadata, UploadId, UploadState},
+use crate::model::{
+    parts::{Part, Staged, StoreUpload},
+    types::{Concat, Metadata, UploadId, UploadState},
 };
 
 /// PostgreSQL: what production runs; several instances share one database.
@@ -79,7 +79,7 @@ impl SqliteRepo {
 
 const COLUMNS: &str = "id, length, upload_offset, metadata, state, concat, concat_parts, hash_state, sha256, \
                        owner, write_gen, multipart_id, part_size, key_prefix, size_limit, staged_count, created_at, updated_at, \
-                       expires_at";
+                       expires_at, expected_sha256";
 
 /// An upload's size limit in SQL: its own when smaller than `--max-size` (bound as `$7`).
 const LIMIT: &str = "(CASE WHEN size_limit IS NOT NULL AND size_limit < $7 THEN size_limit ELSE $7 END)";
@@ -145,6 +145,10 @@ where
         concat,
         hash_state: row.try_get("hash_state")?,
         sha256: sha256.map(|bytes| bytes.try_into().map_err(|_| corrupt(uuid, "sha256 length"))).transpose()?,
+        expected_sha256: row
+            .try_get::<Option<Vec<u8>>, _>("expected_sha256")?
+            .map(|bytes| bytes.try_into().map_err(|_| corrupt(uuid, "expected_sha256 length")))
+            .transpose()?,
         owner: row.try_get("owner")?,
         write_gen: row.try_get("write_gen")?,
         store: StoreUpload {
@@ -244,8 +248,9 @@ macro_rules! sql_repo {
                 let mut tx = durable_tx!(self.pool, $durable);
                 sqlx::query(
                     "INSERT INTO uploads (id, length, upload_offset, metadata, state, concat, concat_parts, \
-                     hash_state, sha256, owner, created_at, updated_at, expires_at, multipart_id, part_size, size_limit, key_prefix) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, $13, $14, $15, $16)",
+                     hash_state, sha256, owner, created_at, updated_at, expires_at, multipart_id, part_size, size_limit, key_prefix, \
+                     expected_sha256) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $12, $13, $14, $15, $16, $17)",
                 )
                 .bind(upload.id.uuid())
                 .bind(upload.length.map(to_i64))
@@ -263,6 +268,7 @@ macro_rules! sql_repo {
                 .bind(upload.store.part_size.map(to_i64))
                 .bind(upload.size_limit.map(to_i64))
                 .bind(&upload.store.key_prefix)
+                .bind(upload.expected_sha256.map(|h| h.to_vec()))
                 .execute(&mut *tx)
                 .await?;
                 insert_events!(tx, events);

@@ -9,7 +9,7 @@ use super::{
     AppendContext, AppendOutcome, Appender, ByteStream, Download, Part, Result, Staged, StagedObject, Store,
     StoreUpload,
 };
-use crate::{telemetry::Metrics, uploads::types::UploadId};
+use crate::{model::types::UploadId, telemetry::Metrics};
 
 pub struct Instrumented {
     inner: Arc<dyn Store>,

@@ -24,7 +24,7 @@ use super::{
     AppendContext, AppendOutcome, Appender, ByteStream, Download, Part, Result, Staged, StagedObject, Store,
     StoreError, StoreUpload,
 };
-use crate::uploads::types::UploadId;
+use crate::model::types::UploadId;
 
 pub struct LocalStore {
     fs: Arc<LocalFileSystem>,

@@ -15,7 +15,8 @@ use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use object_store::{ObjectStore, ObjectStoreExt, path::Path};
 
-use crate::uploads::types::UploadId;
+pub use crate::model::parts::{AppendOutcome, Part, Staged, StoreUpload, valid_key_prefix};
+use crate::model::types::UploadId;
 
 pub use instrumented::Instrumented;
 pub use local::LocalStore;
@@ -47,51 +48,6 @@ pub struct Download {
     pub stream: ByteStream,
 }
 
-/// What the store set up for an upload, saved with it by the repo.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StoreUpload {
-    /// The native multipart upload receiving the parts (object stores).
-    pub multipart_id: Option<String>,
-    /// Every part but the last has exactly this size, so part `i` covers
-    /// `[i * part_size, (i + 1) * part_size)`.
-    pub part_size: Option<u64>,
-    /// Put before the id in the object's key (`uploads/<key_prefix><id>`), as the pre-create
-    /// hook asked; checked by [`valid_key_prefix`].
-    pub key_prefix: Option<String>,
-}
-
-impl StoreUpload {
-    /// The object key of this upload's bytes.
-    pub fn object_path(&self, id: UploadId) -> Path {
-        Path::from(format!("uploads/{}{id}", self.key_prefix.as_deref().unwrap_or("")))
-    }
-}
-
-/// A key prefix is a relative path of letters, digits, `.`, `_`, `-` and `/`, with no empty or
-/// dot-only segments, at most 128 characters.
-pub fn valid_key_prefix(prefix: &str) -> bool {
-    prefix.len() <= 128
-        && !prefix.starts_with('/')
-        && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
-        && prefix.trim_end_matches('/').split('/').all(|s| !s.is_empty() && s != "." && s != "..")
-}
-
-/// A part of a multipart upload, stored and ready to be completed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Part {
-    pub index: u64,
-    pub size: u64,
-    pub content_id: String,
-}
-
-/// Bytes smaller than a part, kept as an object of their own until merged into a part.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Staged {
-    pub key: String,
-    pub offset: u64,
-    pub size: u64,
-}
-
 /// Guards the uploads of parts: a writer uploads a part only while it is the newest writer and
 /// no older writer is still mid-way through uploading one, so the last upload of any part
 /// number is always the newest writer's.
@@ -118,15 +74,6 @@ pub struct AppendContext {
     /// Cancelled when a newer append for the same upload took over on this instance: a write
     /// that was waiting for its turn must not happen then.
     pub stop: tokio_util::sync::CancellationToken,
-}
-
-/// What an append made durable, to be committed with the new offset.
-#[derive(Debug, Clone, Default)]
-pub struct AppendOutcome {
-    pub parts: Vec<Part>,
-    pub staged: Vec<Staged>,
-    /// Keys of staged objects merged into a part (their rows go; the objects can be deleted).
-    pub consumed: Vec<String>,
 }
 
 /// Bytes of uploads.

@@ -29,7 +29,7 @@ use super::{
     AppendContext, AppendOutcome, Appender, ByteStream, Download, Part, Result, Staged, StagedObject, Store,
     StoreError, StoreUpload, WriterCheck,
 };
-use crate::uploads::types::UploadId;
+use crate::model::types::UploadId;
 
 /// The smallest part S3 (and GCS's XML API) accept, but for the last.
 pub const MIN_PART_SIZE: u64 = 5 << 20;

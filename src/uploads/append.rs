@@ -46,7 +46,14 @@ impl Uploads {
         let span = tracing::Span::current();
         let task = async move {
             let mut body = body;
+            let (id, owner) = (request.id, request.owner.clone());
             let result = uploads.append_here(request, &mut body).await;
+            if matches!(result, Err(UploadError::DigestMismatch(_))) {
+                // Its bytes are not the file the client meant: the upload has failed.
+                if let Err(e) = uploads.terminate(id, owner.as_deref()).await {
+                    tracing::warn!(upload = %id, error = %e, "could not discard an upload whose digest did not match");
+                }
+            }
             if matches!(result, Err(ref e) if e.body_may_still_arrive()) {
                 // Read what the client is still sending, so that it hears the answer instead
                 // of a connection reset mid-upload (bounded: a request is at most one chunk).
@@ -61,7 +68,7 @@ impl Uploads {
         if let Some(declared) = request.length
             && declared < request.offset
         {
-            return Err(UploadError::Invalid(format!(
+            return Err(UploadError::LengthMismatch(format!(
                 "Upload-Length {declared} is smaller than the {} bytes already received",
                 request.offset
             )));
@@ -76,8 +83,10 @@ impl Uploads {
         let (row, writer, appender) = pipeline.receive_during(body, self.open_append(&request)).await?;
         let length = row.length.or(request.length);
         let remaining = length.unwrap_or(self.limit_of(row.size_limit)) - request.offset;
-        pipeline.attach(appender, &row.hash_state, remaining).await?;
-        let ending = pipeline.receive(body, &self.stopping, writer.stopped()).await?;
+        let known = length.is_some();
+        pipeline.attach(appender, &row.hash_state, remaining).await.map_err(|e| e.past_length_if(known))?;
+        let ending =
+            pipeline.receive(body, &self.stopping, writer.stopped()).await.map_err(|e| e.past_length_if(known))?;
 
         // From here until the commit, newer requests for this upload on this instance wait.
         let Some(_committing) = writer.committing().await else {
@@ -144,21 +153,13 @@ impl Uploads {
         length: Option<u64>,
         received: Received,
     ) -> Result<Appended> {
-        let idle_timeout = self.settings.idle_timeout;
+        self.check_received(&received)?;
         let to_offset = request.offset + received.bytes;
-        // A checksum vouches for a whole body: a cut-off or mismatching body is discarded.
-        if received.checksum_ok.is_some_and(|ok| !ok)
-            || (received.checksum_ok.is_some() && !matches!(received.ending, Ending::Complete))
-        {
-            return Err(match received.ending {
-                Ending::Complete => UploadError::ChecksumMismatch,
-                other => other.into_error(idle_timeout).unwrap_or(UploadError::ChecksumMismatch),
-            });
-        }
-        let completes = length == Some(to_offset);
+        let settled = Settled::of(request, length, &received);
+        let completes = settled.length == Some(to_offset);
         let needs_assembly = completes && !self.store.completes_in_place();
-        let consumed = received.outcome.consumed.clone();
         let sha256 = completes.then(|| received.hasher.clone().finish());
+        check_digest(row, sha256)?;
         let events = if completes && !needs_assembly {
             let done = UploadRow {
                 offset: to_offset,
@@ -172,13 +173,14 @@ impl Uploads {
             Vec::new()
         };
         let now = now_ms();
+        let consumed = received.outcome.consumed.clone();
         let commit = AppendCommit {
             id: request.id,
             generation: row.write_gen,
             from_offset: request.offset,
             to_offset,
             hash_state: received.hasher.save(),
-            length: request.length,
+            length: settled.declared,
             sha256,
             events,
             needs_assembly,
@@ -193,22 +195,57 @@ impl Uploads {
             self.writers.committed(request.id, to_offset, &commit.hash_state);
         }
         self.metrics.bytes_received.inc_by(received.bytes);
+        self.after_commit(request.id, row, consumed, needs_assembly, completes.then_some(to_offset)).await;
+
+        if let Some(error) = received.ending.into_error(self.settings.idle_timeout) {
+            return Err(error);
+        }
+        if settled.short {
+            return Err(UploadError::LengthMismatch(format!(
+                "the body was to complete the upload, but the upload's length is {} and it is at {to_offset}; \
+                 the bytes were kept: append the rest",
+                settled.length.unwrap_or_default()
+            )));
+        }
+        Ok(Appended { offset: to_offset, completed: completes, expires_at: commit.expires_at })
+    }
+
+    /// A checksum vouches for a whole body: a cut-off or mismatching body is discarded.
+    fn check_received(&self, received: &Received) -> Result<()> {
+        let whole = matches!(received.ending, Ending::Complete);
+        match received.checksum_ok {
+            Some(false) if whole => Err(UploadError::ChecksumMismatch),
+            Some(_) if !whole => Err(received
+                .ending
+                .clone()
+                .into_error(self.settings.idle_timeout)
+                .unwrap_or(UploadError::ChecksumMismatch)),
+            _ => Ok(()),
+        }
+    }
+
+    /// What follows a commit: merged staged objects are deleted; a complete upload is
+    /// assembled by its store (object stores) or counted as completed.
+    async fn after_commit(
+        &self,
+        id: super::types::UploadId,
+        row: &UploadRow,
+        consumed: Vec<String>,
+        needs_assembly: bool,
+        completed_at: Option<u64>,
+    ) {
         // Staged bytes now live in a part; their objects can go.
         for key in consumed {
             if let Err(e) = self.store.delete_staged(&key).await {
-                tracing::warn!(upload = %request.id, error = %e, "could not delete a merged staged object");
+                tracing::warn!(upload = %id, error = %e, "could not delete a merged staged object");
             }
         }
         if needs_assembly {
-            self.complete_parts(request.id, row).await;
-        } else if completes {
+            self.complete_parts(id, row).await;
+        } else if let Some(length) = completed_at {
             self.metrics.uploads_completed.inc();
-            tracing::info!(upload = %request.id, length = to_offset, "upload completed");
+            tracing::info!(upload = %id, length, "upload completed");
         }
-        if let Some(error) = received.ending.into_error(idle_timeout) {
-            return Err(error);
-        }
-        Ok(Appended { offset: to_offset, expires_at: commit.expires_at })
     }
 
     /// Completes the multipart upload (no byte is copied) without holding up the answer for
@@ -240,12 +277,12 @@ impl Uploads {
             return Err(UploadError::OffsetMismatch { expected: row.offset, provided: request.offset });
         }
         if row.state != UploadState::Receiving {
-            return Err(UploadError::Invalid("the upload is already complete".into()));
+            return Err(UploadError::AlreadyComplete);
         }
         let length = match (row.length, request.length) {
             (Some(known), Some(declared)) if known != declared => {
-                return Err(UploadError::Invalid(format!(
-                    "Upload-Length is already {known} and cannot change to {declared}"
+                return Err(UploadError::LengthMismatch(format!(
+                    "the upload's length is already {known} and cannot change to {declared}"
                 )));
             }
             (Some(known), _) => Some(known),
@@ -258,7 +295,7 @@ impl Uploads {
                     )));
                 }
                 if declared < row.offset {
-                    return Err(UploadError::Invalid(format!(
+                    return Err(UploadError::LengthMismatch(format!(
                         "Upload-Length {declared} is smaller than the {} bytes already received",
                         row.offset
                     )));
@@ -273,9 +310,44 @@ impl Uploads {
         {
             return Err(UploadError::TooLarge(format!(
                 "the body is {content_length} bytes but only {remaining} remain before the upload's length"
-            )));
+            ))
+            .past_length_if(length.is_some()));
         }
         Ok(length)
+    }
+}
+
+/// The upload's length as this append leaves it.
+struct Settled {
+    length: Option<u64>,
+    /// A length this append declares (to record, when the upload's was deferred).
+    declared: Option<u64>,
+    /// The body was to complete the upload but ended before its length.
+    short: bool,
+}
+
+impl Settled {
+    fn of(request: &AppendRequest, length: Option<u64>, received: &Received) -> Self {
+        let to_offset = request.offset + received.bytes;
+        let whole = matches!(received.ending, Ending::Complete);
+        // A body that ends the upload and arrived whole gives a deferred upload its length.
+        if request.completes && whole && length.is_none() {
+            return Self { length: Some(to_offset), declared: Some(to_offset), short: false };
+        }
+        let short = request.completes && whole && length.is_some_and(|l| l != to_offset);
+        Self { length, declared: request.length, short }
+    }
+}
+
+/// The bytes of a completed upload against the `Repr-Digest` announced at its creation; on a
+/// mismatch nothing is committed, and the upload is discarded once the request lets go of it.
+fn check_digest(row: &UploadRow, sha256: Option<[u8; 32]>) -> Result<()> {
+    match (row.expected_sha256, sha256) {
+        (Some(expected), Some(actual)) if expected != actual => {
+            let hex = |d: &[u8; 32]| d.iter().map(|b| format!("{b:02x}")).collect::<String>();
+            Err(UploadError::DigestMismatch(format!("announced {}, received {}", hex(&expected), hex(&actual))))
+        }
+        _ => Ok(()),
     }
 }
 

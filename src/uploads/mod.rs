@@ -3,14 +3,10 @@
 mod append;
 pub mod events;
 pub mod pipeline;
-pub mod types;
 mod worker;
 mod writers;
 
-use std::{
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
@@ -68,6 +64,21 @@ pub enum UploadError {
     TooLarge(String),
     #[error("{0}")]
     Invalid(String),
+    /// The upload has all its bytes: it takes no more.
+    #[error("the upload is already complete")]
+    AlreadyComplete,
+    /// The body goes past the upload's known length (tus: too large; the IETF draft: an
+    /// inconsistent length).
+    #[error("{0}")]
+    PastLength(String),
+    /// The request's length disagrees with the upload's (declared, inferred, or what arrived).
+    #[error("{0}")]
+    LengthMismatch(String),
+    /// The bytes of a completed upload do not match the `Repr-Digest` announced at creation.
+    #[error(
+        "the upload's SHA-256 does not match the Repr-Digest announced when it was created ({0}); it was discarded"
+    )]
+    DigestMismatch(String),
     #[error("the body does not match Upload-Checksum; the chunk was discarded")]
     ChecksumMismatch,
     #[error("the request body stalled for longer than {0:?}; the bytes received so far were kept")]
@@ -85,6 +96,14 @@ impl UploadError {
     /// not a fault of ferry).
     fn body_may_still_arrive(&self) -> bool {
         !matches!(self, Self::Internal(_) | Self::ShuttingDown | Self::BodyTimeout(_) | Self::BodyCutOff(_))
+    }
+
+    /// A body too large for what remains of an upload whose length is known goes past it.
+    fn past_length_if(self, length_known: bool) -> Self {
+        match self {
+            Self::TooLarge(message) if length_known => Self::PastLength(message),
+            other => other,
+        }
     }
 }
 
@@ -137,6 +156,9 @@ pub struct CreateRequest {
     pub max_size: Option<u64>,
     /// Where in the store the upload's object goes (from the pre-create hook).
     pub key_prefix: Option<String>,
+    /// The whole upload's SHA-256 as the client knows it (the IETF protocol's `Repr-Digest`):
+    /// an upload whose bytes do not match it is discarded when the last of them arrives.
+    pub expected_sha256: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Clone)]
@@ -154,6 +176,9 @@ pub struct AppendRequest {
     /// The connection the body arrives on, when the caller can tell whether its client has
     /// stopped sending.
     pub client: Option<Arc<dyn ClientLink>>,
+    /// The end of this body is the end of the upload (the IETF protocol's `Upload-Complete: ?1`):
+    /// a body that arrives whole sets a deferred length.
+    pub completes: bool,
 }
 
 /// What an append knows of the connection its body arrives on.
@@ -166,6 +191,8 @@ pub trait ClientLink: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct Appended {
     pub offset: u64,
+    /// The upload has all its bytes now.
+    pub completed: bool,
     pub expires_at: Option<i64>,
 }
 
@@ -205,6 +232,7 @@ impl From<&NewUpload> for UploadRow {
             store: new.store.clone(),
             staged_count: 0,
             size_limit: new.size_limit,
+            expected_sha256: new.expected_sha256,
             created_at: new.now,
             updated_at: new.now,
             expires_at: new.expires_at,
@@ -231,9 +259,7 @@ impl From<UploadRow> for Upload {
     }
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+pub use crate::model::{now_ms, types};
 
 /// The upload service shared by all requests of one instance. Holds no upload state itself:
 /// everything lives in the repo and the store, so any instance can serve any request.
@@ -396,6 +422,11 @@ impl Uploads {
                 (request.length, state, concat, done.then(empty_sha256))
             }
         };
+        if let (Some(expected), Some(actual)) = (request.expected_sha256, sha256)
+            && expected != actual
+        {
+            return Err(UploadError::DigestMismatch("the upload is empty".into()));
+        }
         let expires_at = (state == UploadState::Receiving).then(|| self.expiry(now));
         // A final upload's bytes are written by the job that assembles it.
         let store = if !matches!(concat, Concat::Final(_)) || length == Some(0) {
@@ -415,6 +446,7 @@ impl Uploads {
             owner: request.owner,
             store,
             size_limit: request.max_size,
+            expected_sha256: request.expected_sha256,
             now,
             expires_at,
         };

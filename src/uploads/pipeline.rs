@@ -96,6 +96,7 @@ impl AsRef<[u8]> for Held {
 }
 
 /// How a body ended.
+#[derive(Debug, Clone)]
 pub enum Ending {
     Complete,
     TimedOut,

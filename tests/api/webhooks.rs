@@ -127,6 +127,101 @@ async fn completed_upload_events(backend: Backend) {
     assert!(!verify(&tampered));
 }
 
+/// Runs curl with `args`; returns its exit code and what it wrote to stdout.
+async fn curl(args: &[&str]) -> (i32, String) {
+    let output = tokio::process::Command::new("curl")
+        .args(["-sS", "-H", "Upload-Draft-Interop-Version: 9"])
+        .args(args)
+        .output()
+        .await
+        .expect("curl runs");
+    (output.status.code().unwrap_or(-1), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+fn field_of(headers: &str, name: &str) -> Option<String> {
+    headers.lines().rev().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim().eq_ignore_ascii_case(name).then(|| value.trim().to_string())
+    })
+}
+
+/// The README's walk-through, with curl alone: one POST of the whole file with
+/// `Upload-Complete: ?1`, cut off by `--max-time`; the 104 gave its URL; HEAD tells the offset,
+/// one PATCH sends the rest. The application hears `upload.completed` once, as for tus.
+async fn curl_resumes_an_interrupted_post_and_the_app_hears_once(backend: Backend) {
+    let (receiver, hook) = Receiver::start(Vec::new()).await;
+    let app = spawn_with_hook(backend, &hook).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = crate::helpers::random_bytes(6 << 20, 77);
+    let file = dir.path().join("video.mp4");
+    std::fs::write(&file, &data).unwrap();
+    let file = file.to_str().unwrap();
+
+    // 1 MiB/s for 2 s: the POST is cut off a third of the way. (`-T` streams the file; the
+    // endpoint without its trailing slash, or curl appends the file's name to the URL.)
+    let endpoint = app.files.trim_end_matches('/');
+    let (code, printed) = curl(&[
+        "-i",
+        "-X",
+        "POST",
+        "-T",
+        file,
+        "-H",
+        "Upload-Complete: ?1",
+        "--limit-rate",
+        "1M",
+        "--max-time",
+        "2",
+        endpoint,
+    ])
+    .await;
+    assert_eq!(code, 28, "curl gave up at --max-time: {printed}");
+    assert!(printed.contains("104 Upload Resumption Supported"), "curl shows the 104: {printed}");
+    let url = field_of(&printed, "location").expect("the 104's Location");
+
+    let (code, head) = curl(&["-I", &url]).await;
+    assert_eq!(code, 0);
+    assert_eq!(field_of(&head, "upload-complete").as_deref(), Some("?0"), "an interrupted POST is not complete");
+    assert_eq!(field_of(&head, "upload-length"), Some(data.len().to_string()));
+    let offset: usize = field_of(&head, "upload-offset").unwrap().parse().unwrap();
+    assert!(offset > 0 && offset < data.len(), "the bytes that arrived are kept: {offset}");
+    assert!(receiver.all().iter().all(|d| d.kind() != "upload.completed"), "not complete yet");
+
+    let rest = dir.path().join("rest");
+    std::fs::write(&rest, &data[offset..]).unwrap();
+    let (code, finished) = curl(&[
+        "-i",
+        "-X",
+        "PATCH",
+        "-T",
+        rest.to_str().unwrap(),
+        "-H",
+        "Content-Type: application/partial-upload",
+        "-H",
+        &format!("Upload-Offset: {offset}"),
+        "-H",
+        "Upload-Complete: ?1",
+        &url,
+    ])
+    .await;
+    assert_eq!(code, 0);
+    assert!(finished.contains("HTTP/1.1 200"), "{finished}");
+    assert_eq!(field_of(&finished, "upload-complete").as_deref(), Some("?1"));
+    assert_eq!(app.download(&url).await, data);
+
+    wait_for("upload.completed", Duration::from_secs(20), || async {
+        receiver.all().iter().any(|d| d.kind() == "upload.completed")
+    })
+    .await;
+    let completed: Vec<_> = receiver.all().into_iter().filter(|d| d.kind() == "upload.completed").collect();
+    assert_eq!(completed.len(), 1, "one upload.completed");
+    let event = completed[0].json();
+    assert!(verify(&completed[0]));
+    assert_eq!(event["data"]["size"], data.len());
+    let sha256 = <sha2::Sha256 as sha2::Digest>::digest(&data).iter().map(|b| format!("{b:02x}")).collect::<String>();
+    assert_eq!(event["data"]["sha256"], sha256);
+}
+
 fn chrono_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
@@ -231,6 +326,7 @@ async fn expiry_is_an_event(backend: Backend) {
 
 db_backend_tests!(
     completed_upload_events,
+    curl_resumes_an_interrupted_post_and_the_app_hears_once,
     failures_are_retried_in_order,
     gone_receiver_stops_and_cli_redelivers,
     events_are_recorded_without_a_url,

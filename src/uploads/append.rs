@@ -92,8 +92,14 @@ impl Uploads {
         let Some(_committing) = writer.committing().await else {
             return Err(superseded());
         };
-        // These bytes complete the upload when they reach its (known) length.
-        let last = matches!(ending, Ending::Complete) && length == Some(request.offset + pipeline.received());
+        // These bytes complete the upload when they reach its (known) length, or when the body
+        // was to complete it and arrived whole (its length becomes what arrived).
+        let whole = matches!(ending, Ending::Complete);
+        let last = whole
+            && match length {
+                Some(length) => length == request.offset + pipeline.received(),
+                None => request.completes,
+            };
         let received = pipeline.finish(ending, last).await?;
         self.commit(&request, &row, length, received).await
     }

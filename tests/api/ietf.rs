@@ -142,7 +142,8 @@ async fn creation_then_appends_until_complete(backend: Backend) {
 /// what arrived, known once the body has ended.
 async fn a_length_learned_when_the_body_ends(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let data = random_bytes(2 * MIB + 5, 3);
+    // Longer than a part on object stores (8 MiB).
+    let data = random_bytes(9 * MIB + 5, 3);
     let created = send(ietf(&app, Method::POST, &app.files).header("Upload-Complete", "?0")).await;
     assert_eq!(created.status(), 201);
     let url = header(&created, "location");
@@ -615,4 +616,29 @@ async fn a_newer_append_ends_the_older_one(backend: Backend) {
         assert!(n == 0 || !text.starts_with("HTTP/1.1 2"), "the older request must not succeed: {text}");
     }
     assert_eq!(app.download(&url).await, data);
+}
+
+/// The same uploads on an object store (S3): the draft shares every store with tus.
+mod s3 {
+    use crate::helpers::Backend;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn creation_with_the_whole_file_completes_it() {
+        super::creation_with_the_whole_file_completes_it(Backend::S3).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn creation_then_appends_until_complete() {
+        super::creation_then_appends_until_complete(Backend::S3).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_length_learned_when_the_body_ends() {
+        super::a_length_learned_when_the_body_ends(Backend::S3).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tus_and_ietf_uploads_at_once() {
+        super::tus_and_ietf_uploads_at_once(Backend::S3).await
+    }
 }

@@ -63,7 +63,6 @@ impl App {
         check_budget(args, store.as_ref())?;
         let metrics = Metrics::new();
         let store: Arc<dyn Store> = Arc::new(Instrumented::new(store, metrics.clone()));
-        let uploads = Uploads::new(repo, store, settings, metrics);
         let tokens = match (&args.token_secret, &args.token_public_key) {
             (Some(secret), _) => Some(Arc::new(TokenVerifier::hs256(secret))),
             (None, Some(path)) => {
@@ -81,12 +80,12 @@ impl App {
             })?)),
             None => None,
         };
+        let uploads = Uploads::new(repo, store, settings, metrics).with_precreate(precreate);
         let state = AppState {
             uploads: uploads.clone(),
             base_path: args.base_path.clone(),
             download: args.download,
             tokens,
-            precreate,
             max_append_size: args.max_append_size,
             behind_proxy: args.behind_proxy,
             probe: (!args.no_probe).then(|| {

@@ -19,13 +19,6 @@ pub enum ApiError {
     UnsupportedVersion(String),
     /// Range outside the object (416).
     RangeNotSatisfiable(u64),
-    /// The application's pre-create hook refused the upload: its status and message.
-    Refused {
-        status: u16,
-        message: String,
-    },
-    /// A service ferry depends on did not answer (503).
-    Unavailable(String),
     Upload(UploadError),
 }
 
@@ -46,8 +39,6 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::UnsupportedVersion(_) => StatusCode::PRECONDITION_FAILED,
             Self::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
-            Self::Refused { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN),
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upload(e) => match e {
                 UploadError::NotFound(_) => StatusCode::NOT_FOUND,
                 UploadError::Gone(_) => StatusCode::GONE,
@@ -63,7 +54,8 @@ impl ApiError {
                     StatusCode::from_u16(CHECKSUM_MISMATCH).expect("460 is a valid status")
                 }
                 UploadError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-                UploadError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+                UploadError::ShuttingDown | UploadError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                UploadError::Refused { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN),
                 UploadError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
         }
@@ -75,7 +67,6 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let message = match &self {
             Self::BadHeader(m) | Self::UnsupportedMediaType(m) | Self::UnsupportedVersion(m) => m.clone(),
-            Self::Refused { message, .. } | Self::Unavailable(message) => message.clone(),
             Self::RangeNotSatisfiable(size) => format!("the range is outside the {size} bytes of this upload"),
             Self::Upload(UploadError::Internal(e)) => {
                 tracing::error!(error = ?e, "request failed");
@@ -92,6 +83,9 @@ impl IntoResponse for ApiError {
             }
             Self::UnsupportedVersion(_) => {
                 headers.insert("tus-version", HeaderValue::from_static(super::tus::TUS_VERSION));
+            }
+            Self::Upload(UploadError::Unavailable(_)) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             Self::Upload(UploadError::ShuttingDown) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

@@ -151,7 +151,7 @@ impl IntoResponse for Problem {
             ApiError::Upload(UploadError::TooLarge(_)) => (None, "the upload exceeds a limit"),
             ApiError::Upload(UploadError::ChecksumMismatch) => (None, "Content-Digest does not match the content"),
             ApiError::Upload(UploadError::DigestMismatch(_)) => (None, "Repr-Digest does not match the upload"),
-            ApiError::Upload(UploadError::ShuttingDown) | ApiError::Unavailable(_) => {
+            ApiError::Upload(UploadError::ShuttingDown | UploadError::Unavailable(_)) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 (None, "try again shortly")
             }
@@ -196,7 +196,6 @@ impl IntoResponse for Problem {
 fn error_message(error: &ApiError) -> String {
     match error {
         ApiError::BadHeader(m) | ApiError::UnsupportedMediaType(m) | ApiError::UnsupportedVersion(m) => m.clone(),
-        ApiError::Refused { message, .. } | ApiError::Unavailable(message) => message.clone(),
         ApiError::RangeNotSatisfiable(size) => format!("the range is outside the {size} bytes of this upload"),
         ApiError::Upload(e) => e.to_string(),
     }

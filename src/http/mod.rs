@@ -37,8 +37,6 @@ pub struct AppState {
     pub download: crate::config::DownloadMode,
     /// Upload tokens, when configured: required on every tus request.
     pub tokens: Option<std::sync::Arc<auth::TokenVerifier>>,
-    /// The application's pre-create hook, when configured.
-    pub precreate: Option<std::sync::Arc<crate::hooks::precreate::PreCreate>>,
     /// The largest request body clients are asked to send (`--max-append-size`), announced in
     /// `Upload-Limit`.
     pub max_append_size: Option<u64>,

@@ -1,5 +1,6 @@
 //! The domain: create, append, complete, terminate, expire. No HTTP or SQL types here.
 
+mod admission;
 mod append;
 pub mod events;
 pub mod pipeline;
@@ -79,6 +80,12 @@ pub enum UploadError {
         "the upload's SHA-256 does not match the Repr-Digest announced when it was created ({0}); it was discarded"
     )]
     DigestMismatch(String),
+    /// The application's pre-create hook refused the upload: its status and message.
+    #[error("{message}")]
+    Refused { status: u16, message: String },
+    /// A service the request needs did not answer.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("the body does not match Upload-Checksum; the chunk was discarded")]
     ChecksumMismatch,
     #[error("the request body stalled for longer than {0:?}; the bytes received so far were kept")]
@@ -277,7 +284,11 @@ pub struct Uploads {
     writers: Arc<writers::Writers>,
     /// The memory all appends of this instance share.
     budget: Budget,
+    /// The application's pre-create hook, when configured.
+    precreate: Option<Arc<crate::hooks::precreate::PreCreate>>,
 }
+
+pub use admission::{Grant, Proposal};
 
 impl Uploads {
     pub fn new(repo: Arc<dyn Repo>, store: Arc<dyn Store>, settings: Settings, metrics: Arc<Metrics>) -> Self {
@@ -291,7 +302,14 @@ impl Uploads {
             stopping: CancellationToken::new(),
             writers: Arc::default(),
             budget: Budget::new(settings_budget),
+            precreate: None,
         }
+    }
+
+    /// Asks `precreate` before every new upload.
+    pub fn with_precreate(mut self, precreate: Option<Arc<crate::hooks::precreate::PreCreate>>) -> Self {
+        self.precreate = precreate;
+        self
     }
 
     /// The memory budget of this instance's appends.

@@ -147,6 +147,14 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_BEHIND_PROXY")]
     pub behind_proxy: bool,
 
+    /// When to send the IETF draft's `104 Upload Resumption Supported` before reading a
+    /// creation's body: `auto` only to clients that reach ferry directly (not with
+    /// `--behind-proxy`, nor when the request carries `Forwarded`, `X-Forwarded-For`,
+    /// `X-Real-IP` or `Via`: nginx 1.22 takes an upstream's 104 for its final answer), `always`
+    /// for proxies that forward interim responses, `never`.
+    #[arg(long, env = "FERRY_INTERIM_RESPONSES", value_enum, default_value_t = InterimResponses::Auto)]
+    pub interim_responses: InterimResponses,
+
     /// Incomplete uploads with no activity for this long are expired and their bytes deleted
     /// (e.g. `24h`, `30m`, `90s`).
     #[arg(long, env = "FERRY_EXPIRE_AFTER", default_value = "24h", value_parser = parse_duration)]
@@ -244,6 +252,13 @@ pub struct ServeArgs {
     /// Bytes per minute all probes of one instance may read together (429 with `Retry-After` beyond).
     #[arg(long, env = "FERRY_PROBE_BUDGET", default_value = "1GiB", value_parser = parse_size)]
     pub probe_budget: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum InterimResponses {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -88,6 +88,7 @@ impl App {
             tokens,
             max_append_size: args.max_append_size,
             behind_proxy: args.behind_proxy,
+            interim_responses: args.interim_responses,
             probe: (!args.no_probe).then(|| {
                 Arc::new(http::probe::Probe::new(http::probe::ProbeSettings {
                     max_size: args.probe_max_size,

@@ -21,6 +21,7 @@ use super::{
     headers,
     tus::{self, UploadRef},
 };
+use crate::config::InterimResponses;
 use crate::uploads::{
     AppendRequest, CreateConcat, Upload, UploadError,
     types::{Checksum, ChecksumAlgorithm, ChecksumPlan, Metadata, UploadState},
@@ -251,6 +252,21 @@ fn declared_length(request: &HeaderMap, offset: u64, complete: bool) -> Result<O
     }
 }
 
+/// Whether a 104 may go to this client: proxies that do not know interim responses take one
+/// for the final answer (nginx 1.22 with `proxy_http_version 1.1` passes the real answer on as
+/// the body and then waits for the connection to close), so by default only clients that reach
+/// ferry directly get it.
+fn interim_allowed(state: &AppState, request: &HeaderMap) -> bool {
+    match state.interim_responses {
+        InterimResponses::Always => true,
+        InterimResponses::Never => false,
+        InterimResponses::Auto => {
+            !state.behind_proxy
+                && !["forwarded", "x-forwarded-for", "x-real-ip", "via"].iter().any(|h| request.contains_key(*h))
+        }
+    }
+}
+
 /// The interim response announcing the upload.
 fn interim(interop: Interop, location: &str, limit: &HeaderValue) -> Option<Vec<u8>> {
     let version = interop.named?;
@@ -334,6 +350,7 @@ pub async fn create(
     let limit = upload_limit(&state, None, upload.expires_at);
     if resumable
         && version == Version::HTTP_11
+        && interim_allowed(&state, &request)
         && let (Some(Extension(connection)), Some(head)) = (&connection, interim(interop, &location, &limit))
     {
         connection.send_interim(&head).await;

@@ -42,6 +42,8 @@ pub struct AppState {
     pub max_append_size: Option<u64>,
     /// Whether `Forwarded` / `X-Forwarded-*` from the proxy in front are trusted for URLs.
     pub behind_proxy: bool,
+    /// When the IETF draft's 104 interim response is sent (`--interim-responses`).
+    pub interim_responses: crate::config::InterimResponses,
     /// The probe endpoint of `ferry doctor` (`POST {base_path}probe`), unless disabled.
     pub probe: Option<std::sync::Arc<probe::Probe>>,
 }

@@ -25,6 +25,7 @@ db_backend_tests!(
     interop_5_and_6_as_their_clients_expect,
     interim_104_announces_the_upload_before_the_body,
     no_104_for_versions_not_served,
+    no_104_through_proxies_unless_asked,
     tus_and_ietf_uploads_at_once,
     a_newer_append_ends_the_older_one,
 );
@@ -536,10 +537,42 @@ async fn no_104_for_versions_not_served(backend: Backend) {
             assert_eq!(field(&first, "upload-draft-interop-version"), Some(version), "the 104 echoes the version");
             let last = read_head(&mut stream, &mut pending).await;
             assert!(last.starts_with("HTTP/1.1 201 "), "{last}");
+            assert_eq!(field(&last, "location"), field(&first, "location"), "one Location for the 104 and the answer");
         } else {
             assert!(first.starts_with("HTTP/1.1 201 "), "interop {version}: no 104, the upload still works: {first}");
         }
     }
+}
+
+/// The first answer on a raw connection to a creation of 5 bytes with `extra` headers.
+async fn first_answer(app: &TestApp, extra: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let request = format!(
+        "POST /files/ HTTP/1.1\r\nHost: {}\r\nUpload-Draft-Interop-Version: 9\r\nUpload-Complete: ?1\r\n\
+         {extra}Content-Length: 5\r\n\r\nhello",
+        app.addr
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    read_head(&mut stream, &mut Vec::new()).await
+}
+
+/// nginx 1.22 takes an upstream's 104 for its final answer: requests that came through a proxy
+/// get none by default (`--interim-responses auto`); `always` sends it anyway, `never` never.
+async fn no_104_through_proxies_unless_asked(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    assert!(first_answer(&app, "").await.starts_with("HTTP/1.1 104 "));
+    for proxied in ["X-Forwarded-For: 10.0.0.1\r\n", "Via: 1.1 edge\r\n", "X-Real-IP: 10.0.0.1\r\n"] {
+        let first = first_answer(&app, proxied).await;
+        assert!(first.starts_with("HTTP/1.1 201 "), "{proxied:?}: {first}");
+    }
+    let behind = TestApp::spawn_with(backend, |args| args.behind_proxy = true).await;
+    assert!(first_answer(&behind, "").await.starts_with("HTTP/1.1 201 "));
+    let always =
+        TestApp::spawn_with(backend, |args| args.interim_responses = ferry::config::InterimResponses::Always).await;
+    assert!(first_answer(&always, "X-Forwarded-For: 10.0.0.1\r\n").await.starts_with("HTTP/1.1 104 "));
+    let never =
+        TestApp::spawn_with(backend, |args| args.interim_responses = ferry::config::InterimResponses::Never).await;
+    assert!(first_answer(&never, "").await.starts_with("HTTP/1.1 201 "));
 }
 
 /// Both protocols on one instance at the same time, and each sees the other's uploads.

@@ -1,4 +1,5 @@
-// ferry-upload.js: resumable browser uploads to ferry over tus 1.0. No dependencies, no build step.
+// ferry-upload.js: resumable browser uploads to ferry over tus 1.0 or over HTTP's own resumable
+// uploads (the IETF draft, interop version 9: draft -12). No dependencies, no build step.
 //
 //   import { FerryUploader } from 'https://ferry.example.com/ferry-upload.js'
 //   const uploader = new FerryUploader({ endpoint: 'https://ferry.example.com/files/', token })
@@ -7,18 +8,39 @@
 //   upload.addEventListener('success', (e) => console.log(e.detail.url, e.detail.sha256))
 //   upload.addEventListener('error', (e) => console.error(e.detail.error.message))
 //
-// What it does for each file: OPTIONS once per endpoint (checksum algorithms, Upload-Limit), then
-// either HEAD on the upload remembered for this file (same name, size, lastModified and endpoint, in
-// localStorage) to resume from the server's offset, or POST to create one; then PATCH chunk by chunk.
+// What it does for each file: OPTIONS once per endpoint (checksum algorithms, Upload-Limit, and with
+// `protocol: 'auto'` which protocol to speak), then either HEAD on the upload remembered for this
+// file (same name, size, lastModified and endpoint, in localStorage) to resume from the server's
+// offset, or POST to create one; then PATCH chunk by chunk.
 // Chunks stay under the server's `Upload-Limit: max-append-size`, halve on 413 (and when a large
 // chunk keeps failing while small requests get through: a proxy's 413 without CORS headers looks
 // like a network error to a page), and grow while they finish quickly. Network errors, 5xx, 409,
 // 423 and 429 are retried with exponential backoff and jitter after asking the server (HEAD) where
 // the upload stands. Once complete, HEAD gives the whole file's SHA-256 (`Repr-Digest`).
 //
+// The protocol (option `protocol`) changes only the requests' fields, not any of the above:
+//   'tus'   tus 1.0 (the default): `Tus-Resumable` on every request, PATCH as
+//           `application/offset+octet-stream`, per-chunk `Upload-Checksum: sha256 …` when OPTIONS
+//           lists sha256 in `Tus-Checksum-Algorithm`.
+//   'ietf'  the draft: `Upload-Draft-Interop-Version: 9` on every request and no `Tus-Resumable`;
+//           POST with `Upload-Complete: ?0`, `Upload-Length` and `Upload-Metadata` (a file that fits
+//           in one chunk goes whole in the POST, with `Upload-Complete: ?1`); PATCH as
+//           `application/partial-upload` with `Upload-Offset` and `Upload-Complete` (`?1` on the
+//           last chunk) and per-chunk `Content-Digest: sha-256=:…:`; HEAD to resume; DELETE to
+//           cancel. The largest upload comes from `Upload-Limit: max-size`.
+//   'auto'  OPTIONS with `Upload-Draft-Interop-Version: 9`: 'ietf' when the answer is a success
+//           whose `Upload-Limit` has `max-size` (what servers of the draft announce on OPTIONS
+//           since interop version 6, and a tus-only server does not), else 'tus'. Nothing this
+//           module does needs a part of tus the draft lacks (no parallel parts, no deferred length).
+// ferry speaks both on the same endpoint, and an upload begun in one can be resumed in the other.
+//
 // The README's "Browser uploads" section documents the options and events.
 
 const TUS_VERSION = '1.0.0'
+/** The draft's interop version this module speaks (draft-ietf-httpbis-resumable-upload-12). */
+const INTEROP_VERSION = '9'
+/** The values of the `protocol` option. */
+export const PROTOCOLS = Object.freeze(['tus', 'ietf', 'auto'])
 const KiB = 1024
 const MiB = 1024 * KiB
 const STORAGE_PREFIX = 'ferry-upload:'
@@ -43,12 +65,12 @@ export const DEFAULTS = Object.freeze({
   checksum: true,
   resume: true,
   storage: undefined,
+  protocol: 'tus',
 })
 
 /** The states of an upload, in `upload.state` and the `statechange` event. */
 export const STATES = Object.freeze(['queued', 'uploading', 'retrying', 'paused', 'done', 'error', 'aborted'])
 
-/** An error with what the user needs: a readable message, the HTTP status (0: no answer), the server's words. */
 /** A header holding a non-negative integer, or null when it is missing or is not one. */
 function integerHeader(reply, name) {
   const value = reply.header(name)
@@ -57,6 +79,7 @@ function integerHeader(reply, name) {
   return Number.isSafeInteger(number) ? number : null
 }
 
+/** An error with what the user needs: a readable message, the HTTP status (0: no answer), the server's words. */
 export class UploadError extends Error {
   constructor(message, { status = 0, body = '', retryable = false, cause } = {}) {
     super(message, cause ? { cause } : undefined)
@@ -106,16 +129,25 @@ export function sha256FromReprDigest(value) {
   return match ? hexFromBase64(match[1]) : null
 }
 
-/** `Upload-Limit: max-append-size=N, ...` (a structured dictionary): N, or null. */
-export function maxAppendSizeOf(value) {
+/**
+ * `Upload-Limit: max-size=N, max-append-size=M, ...` (a structured dictionary): its members with a
+ * positive integer value, by name (`{ 'max-size': N, 'max-append-size': M }`).
+ */
+export function uploadLimitOf(value) {
+  const limits = {}
   for (const member of (value || '').split(',')) {
     const [key, raw] = member.split('=').map((s) => s.trim())
-    if (key === 'max-append-size' && /^\d+$/.test(raw || '')) {
+    if (key && /^\d+$/.test(raw || '')) {
       const n = Number(raw)
-      if (Number.isSafeInteger(n) && n > 0) return n
+      if (Number.isSafeInteger(n) && n > 0) limits[key] = n
     }
   }
-  return null
+  return limits
+}
+
+/** `Upload-Limit: max-append-size=N, ...`: N, or null. */
+export function maxAppendSizeOf(value) {
+  return uploadLimitOf(value)['max-append-size'] ?? null
 }
 
 /** 1536 -> "1.5 KiB". */
@@ -160,8 +192,17 @@ class Reply {
     return this._xhr.getResponseHeader(name)
   }
 
-  /** The server's message for a refusal, in one line. */
+  /** The server's message for a refusal, in one line (a problem document's `detail` or `title`). */
   message() {
+    if (/^application\/problem\+json/i.test(this.header('Content-Type') || '')) {
+      try {
+        const problem = JSON.parse(this.body)
+        const said = problem.detail || problem.title
+        if (typeof said === 'string' && said) return said.split('\n')[0].slice(0, 300)
+      } catch {
+        // Not JSON after all: shown as it is.
+      }
+    }
     return this.body.trim().split('\n')[0].slice(0, 300)
   }
 }
@@ -195,13 +236,15 @@ export class Upload extends EventTarget {
     this.error = null
     this.result = null
     /** Counters for the curious (and the tests). */
-    this.stats = { chunks: 0, bytesPatched: 0, retries: 0, shrinks: 0, grows: 0 }
+    this.stats = { chunks: 0, bytesPatched: 0, bytesPosted: 0, retries: 0, shrinks: 0, grows: 0 }
     this._run = 0
     this._xhr = null
     this._wake = null
     this._samples = []
     this._lastProgress = 0
     this._digests = new Map()
+    /** The draft's whole-file creation failed once: this upload creates empty and sends chunks. */
+    this._wholeFailed = false
   }
 
   get size() {
@@ -316,8 +359,9 @@ export class Upload extends EventTarget {
     }
     this._check(run)
     if (!this.url) {
-      this.url = await this._retrying(run, () => this._create(run))
-      this.offset = 0
+      const created = await this._retrying(run, () => this._create(run))
+      this.url = created.url
+      this.offset = created.offset
       this.resumedFrom = 0
       up._remember(this.file, this.url)
     }
@@ -457,9 +501,11 @@ export class Upload extends EventTarget {
     }
   }
 
-  async _headers(extra = {}) {
+  /** Every request's headers: the protocol's, the `headers` option's, `extra`, and the token. */
+  async _headers(extra = {}, protocol = this.uploader.protocol) {
     const up = this.uploader
-    const headers = { 'Tus-Resumable': TUS_VERSION, ...up.options.headers, ...extra }
+    const announce = protocol === 'ietf' ? { 'Upload-Draft-Interop-Version': INTEROP_VERSION } : { 'Tus-Resumable': TUS_VERSION }
+    const headers = { ...announce, ...up.options.headers, ...extra }
     const token = typeof up.options.token === 'function' ? await up.options.token() : up.options.token
     if (token) headers.Authorization = `Bearer ${token}`
     return headers
@@ -468,9 +514,10 @@ export class Upload extends EventTarget {
   /**
    * One request. Resolves with the reply for any status; rejects with a retryable UploadError
    * (status 0) when no answer came, and with Stopped when the upload was paused meanwhile.
+   * `protocol` is the uploader's unless given (the OPTIONS that decides it).
    */
-  async _request(method, url, { run, headers = {}, body = null, onProgress = null } = {}) {
-    const all = await this._headers(headers)
+  async _request(method, url, { run, headers = {}, body = null, onProgress = null, protocol } = {}) {
+    const all = await this._headers(headers, protocol)
     if (run !== null) this._check(run)
     const { stallTimeout } = this.uploader.options
     return await new Promise((resolve, reject) => {
@@ -546,25 +593,80 @@ export class Upload extends EventTarget {
     throw this._refusal('asking the server for the upload', reply)
   }
 
+  /** POST: a new upload; resolves with its URL and the offset the server holds (0 unless the file went along). */
   async _create(run) {
     const up = this.uploader
+    const headers = { 'Upload-Length': String(this.size), 'Upload-Metadata': encodeMetadata(this.metadata) }
+    if (up.protocol === 'ietf') {
+      if (this.size <= this.chunkSize && !this._wholeFailed) {
+        try {
+          return await this._createWhole(run, headers)
+        } catch (error) {
+          if (error instanceof Stopped || run !== this._run) throw new Stopped()
+          if (!(error instanceof UploadError) || (error.status !== 0 && error.status !== 413)) throw error
+          // Too large for a proxy (a 413, or no answer at all, which is how a proxy's 413 looks
+          // to a page on another origin), or the network: from now on the file goes the long way,
+          // an empty creation and then chunks, which the loop that sends them knows how to shrink.
+          this._wholeFailed = true
+          if (error.status === 413) this._shrink(this.size, 'the server or a proxy refused a request this large (413)')
+        }
+      }
+      headers['Upload-Complete'] = '?0'
+    }
+    const reply = await this._request('POST', up.endpoint, { run, headers })
+    if (reply.status !== 201) throw this._refusal('creating the upload', reply)
+    return { url: this._createdAt(reply), offset: 0 }
+  }
+
+  /**
+   * The draft's creation with the whole file in it (`Upload-Complete: ?1`): one request for a file
+   * that fits in one chunk. Any 2xx means the server took all of it.
+   */
+  async _createWhole(run, headers) {
+    const up = this.uploader
+    const all = { ...headers, 'Upload-Complete': '?1' }
+    if (up._checksums) {
+      all['Content-Digest'] = `sha-256=:${await this._checksum(0, this.size)}:`
+      this._check(run)
+    }
     const reply = await this._request('POST', up.endpoint, {
       run,
-      headers: { 'Upload-Length': String(this.size), 'Upload-Metadata': encodeMetadata(this.metadata) },
+      headers: all,
+      body: this.file,
+      onProgress: (loaded) => {
+        this.bytesSent = Math.min(loaded, this.size)
+        this._progress(false)
+      },
     })
-    if (reply.status !== 201) throw this._refusal('creating the upload', reply)
+    if (reply.status < 200 || reply.status >= 300) throw this._refusal('uploading the file', reply)
+    const url = this._createdAt(reply)
+    this.stats.bytesPosted += this.size
+    return { url, offset: integerHeader(reply, 'Upload-Offset') ?? this.size }
+  }
+
+  /** The new upload's URL, from the creation's `Location`. */
+  _createdAt(reply) {
     const location = reply.header('Location')
     if (!location) throw new UploadError('the server created the upload but did not say where (no Location; cross-origin servers must expose it)')
-    up._learnLimit(reply)
-    return new URL(location, up.endpoint).href
+    this.uploader._learnLimit(reply)
+    return new URL(location, this.uploader.endpoint).href
   }
 
   /** PATCH one chunk [start, end): resolves with the new offset and how long it took. */
   async _patch(run, start, end) {
     const up = this.uploader
-    const headers = { 'Upload-Offset': String(start), 'Content-Type': 'application/offset+octet-stream' }
+    const ietf = up.protocol === 'ietf'
+    const headers = { 'Upload-Offset': String(start) }
+    if (ietf) {
+      headers['Content-Type'] = 'application/partial-upload'
+      headers['Upload-Complete'] = end === this.size ? '?1' : '?0'
+    } else {
+      headers['Content-Type'] = 'application/offset+octet-stream'
+    }
     if (up._checksums) {
-      headers['Upload-Checksum'] = `sha256 ${await this._checksum(start, end)}`
+      const digest = await this._checksum(start, end)
+      if (ietf) headers['Content-Digest'] = `sha-256=:${digest}:`
+      else headers['Upload-Checksum'] = `sha256 ${digest}`
       this._check(run)
       // The next chunk's digest is worked out while this one travels.
       const next = Math.min(this.size, end + this.chunkSize)
@@ -583,8 +685,11 @@ export class Upload extends EventTarget {
       },
     })
     const seconds = (performance.now() - began) / 1000
-    if (reply.status === 204 || reply.status === 200) {
-      const offset = integerHeader(reply, 'Upload-Offset')
+    // tus answers 204; the draft any 2xx (201 in its early versions, 200 once complete), and a
+    // success means the whole chunk was appended, so the draft's answer need not say the offset.
+    const accepted = ietf ? reply.status >= 200 && reply.status < 300 : reply.status === 204 || reply.status === 200
+    if (accepted) {
+      const offset = integerHeader(reply, 'Upload-Offset') ?? (ietf && reply.header('Upload-Offset') === null ? end : null)
       if (offset === null || offset > this.size) throw new UploadError('the server answered a PATCH without a valid Upload-Offset')
       // Nothing kept (an intermediary lost the body?): a failure like any other, not a success
       // that sends the same chunk again at once, for ever.
@@ -662,6 +767,11 @@ export class FerryUploader extends EventTarget {
   constructor(options = {}) {
     super()
     this.options = { ...DEFAULTS, ...options }
+    if (!PROTOCOLS.includes(this.options.protocol)) {
+      throw new RangeError(`protocol must be one of ${PROTOCOLS.join(', ')}, not ${this.options.protocol}`)
+    }
+    /** The protocol in use: 'tus' or 'ietf'; with `protocol: 'auto'`, null until OPTIONS has answered. */
+    this.protocol = this.options.protocol === 'auto' ? null : this.options.protocol
     if (this.options.storage === undefined) this.options.storage = defaultStorage()
     const base = globalThis.document?.baseURI ?? globalThis.location?.href
     this.endpoint = new URL(this.options.endpoint, base).href
@@ -729,6 +839,8 @@ export class FerryUploader extends EventTarget {
     this.options.storage?.removeItem(this._key(entry))
     const upload = new Upload(this, { name: entry.name, size: entry.size, type: '' })
     try {
+      // The DELETE goes in the protocol the server is spoken to in.
+      if (!this.protocol) await this._capabilities(upload, upload._run)
       await upload._request('DELETE', entry.url, { run: null })
     } catch {
       // It expires on its own.
@@ -760,18 +872,32 @@ export class FerryUploader extends EventTarget {
     }
   }
 
-  /** OPTIONS once per uploader (shared by concurrent uploads; retried like any request). */
+  /**
+   * OPTIONS once per uploader (shared by concurrent uploads; retried like any request): what the
+   * server supports, and with `protocol: 'auto'` which protocol to speak.
+   */
   async _capabilities(upload, run) {
     if (this._caps) return this._caps
     if (!this._capsPromise) {
       this._capsPromise = (async () => {
-        const reply = await upload._request('OPTIONS', this.endpoint, { run: null })
+        // Asked in the draft's terms unless tus was chosen: a server of the draft then answers
+        // with its Upload-Limit (ferry adds its tus fields either way).
+        const asking = this.options.protocol === 'tus' ? 'tus' : 'ietf'
+        const reply = await upload._request('OPTIONS', this.endpoint, { run: null, protocol: asking })
         if (reply.status >= 500) throw upload._refusal('asking the server what it supports', reply)
+        const ok = reply.status >= 200 && reply.status < 300
+        const limits = uploadLimitOf(reply.header('Upload-Limit'))
+        if (this.options.protocol === 'auto') this.protocol = ok && limits['max-size'] ? 'ietf' : 'tus'
         const algorithms = (reply.header('Tus-Checksum-Algorithm') || '').toLowerCase().split(',').map((s) => s.trim())
-        const maxSize = Number(reply.header('Tus-Max-Size'))
-        this._checksums = Boolean(this.options.checksum && algorithms.includes('sha256') && globalThis.crypto?.subtle)
+        // tus: the algorithms OPTIONS lists. The draft: Content-Digest, which RFC 9530 lets a
+        // server ignore, so it is sent whenever Web Crypto can compute it.
+        const digests = this.protocol === 'ietf' || algorithms.includes('sha256')
+        this._checksums = Boolean(this.options.checksum && digests && globalThis.crypto?.subtle)
+        const tusMaxSize = Number(reply.header('Tus-Max-Size'))
+        let maxSize = Number.isSafeInteger(tusMaxSize) && tusMaxSize > 0 ? tusMaxSize : null
+        if (this.protocol === 'ietf' && limits['max-size']) maxSize = limits['max-size']
         this._learnLimit(reply)
-        this._caps = { algorithms, maxSize: Number.isSafeInteger(maxSize) && maxSize > 0 ? maxSize : null, status: reply.status }
+        this._caps = { algorithms, maxSize, status: reply.status, protocol: this.protocol }
         return this._caps
       })().finally(() => {
         this._capsPromise = null

@@ -7,8 +7,10 @@
 //                            only (sessionStorage) and removed from the address bar
 //   ?concurrency=3 &chunkSize=8MiB &minChunkSize= &maxChunkSize= &targetChunkSeconds=
 //   &retryDelay=500 &maxRetryDelay=15000 &checksum=0   tuning, see ferry-upload.js's options
+//   ?protocol=tus|ietf|auto  tus 1.0 (the default) or the IETF resumable-uploads draft; auto asks
+//                            the server (see ferry-upload.js)
 
-import { FerryUploader, formatBytes, formatDuration } from './ferry-upload.js'
+import { FerryUploader, PROTOCOLS, formatBytes, formatDuration } from './ferry-upload.js'
 
 const TOKEN_KEY = 'ferry-upload-token'
 const main = document.getElementById('app')
@@ -51,6 +53,8 @@ for (const name of ['concurrency', 'retryDelay', 'maxRetryDelay', 'maxRetries', 
   options[name] = setting(name, Number)
 }
 options.checksum = setting('checksum', (v) => v !== '0' && v !== 'false')
+// Like the other settings, a value the module does not know is ignored.
+options.protocol = setting('protocol', (v) => (PROTOCOLS.includes(v) ? v : undefined))
 for (const [key, value] of Object.entries(options)) if (value === undefined || Number.isNaN(value)) delete options[key]
 
 const uploader = new FerryUploader(options)

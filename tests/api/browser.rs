@@ -8,6 +8,7 @@
 //! tests fail and say so: they never skip.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
@@ -144,6 +145,26 @@ fn token_for(sub: &str, secret: &str) -> String {
     encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
 }
 
+/// What a script counted of the page's requests to ferry's endpoint and upload URLs:
+/// `"METHOD protocol [digest field]"` → how many (see `recordProtocols` in tests/browser/lib.mjs).
+fn requests(counted: &Value) -> BTreeMap<String, u64> {
+    let counted = counted.as_object().unwrap_or_else(|| panic!("no request counts: {counted}"));
+    counted.iter().map(|(key, n)| (key.clone(), n.as_u64().unwrap())).collect()
+}
+
+/// How many of the counted requests have `method`.
+fn count_of(requests: &BTreeMap<String, u64>, method: &str) -> u64 {
+    requests.iter().filter(|(key, _)| key.split(' ').next() == Some(method)).map(|(_, n)| n).sum()
+}
+
+/// Every counted request spoke `protocol` (`tus` or `ietf` at interop version 9) and no other.
+fn assert_all_spoke(requests: &BTreeMap<String, u64>, protocol: &str) {
+    assert!(!requests.is_empty(), "no requests were counted");
+    for key in requests.keys() {
+        assert_eq!(key.split(' ').nth(1), Some(protocol), "a request that did not speak {protocol}: {requests:?}");
+    }
+}
+
 fn throughput(bytes: usize, ms: f64) -> f64 {
     bytes as f64 / MIB as f64 / (ms / 1000.0)
 }
@@ -175,11 +196,23 @@ async fn page_scenario(
     after: usize,
     more: &[(&str, &str)],
 ) -> (TestApp, Vec<u8>, Value) {
+    page_scenario_at(FIXED_CHUNKS, scenario, name, len, after, more).await
+}
+
+/// [`page_scenario`] with the page's settings in `query`.
+async fn page_scenario_at(
+    query: &str,
+    scenario: &str,
+    name: &str,
+    len: usize,
+    after: usize,
+    more: &[(&str, &str)],
+) -> (TestApp, Vec<u8>, Value) {
     let app = TestApp::spawn(Backend::Sqlite).await;
     let files = Files::new();
     let data = files.add(name, len, len as u64);
     let mut script = args(&[
-        ("url", &format!("{}/{FIXED_CHUNKS}", app.base)),
+        ("url", &format!("{}/{query}", app.base)),
         ("scenario", scenario),
         ("after", &after.to_string()),
         ("file", &files.path(name)),
@@ -390,6 +423,123 @@ async fn pause_stops_the_upload_and_resume_finishes_it() {
 }
 
 // ------------------------------------------------------------------------------------------------
+// The module speaking the IETF resumable-uploads draft (`protocol: 'ietf'`, `'auto'`)
+
+/// `?protocol=ietf`: every request announces interop version 9 and carries no `Tus-Resumable`,
+/// each chunk its `Content-Digest`; after a reload in the middle of a PATCH, choosing the file
+/// again resumes the same upload from the server's offset (HEAD), sending no finished chunk again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_ietf_draft_the_page_resumes_after_a_reload() {
+    let after = 6;
+    let len = 24 * MIB + 777;
+    let query = format!("{FIXED_CHUNKS}&protocol=ietf");
+    let (app, data, result) = page_scenario_at(&query, "reload", "ietf-resume.bin", len, after, &[]).await;
+
+    let shown = only_file(&result);
+    assert_uploaded(&app, shown, &data).await;
+    assert_eq!(app.upload_count().await, 1, "the reloaded page continued the same upload");
+    let resumed_from = number(shown, "resumedFrom");
+    assert!(resumed_from >= (after * MIB) as u64, "resumed from {resumed_from}, after {after} chunks were accepted");
+    assert_eq!(number(&shown["stats"], "bytesPatched"), data.len() as u64 - resumed_from);
+
+    let sent = requests(&result["requests"]);
+    assert_all_spoke(&sent, "ietf");
+    assert_eq!(sent.get("OPTIONS ietf"), Some(&2), "one OPTIONS per page load: {sent:?}");
+    assert_eq!(sent.get("POST ietf"), Some(&1), "one upload was created: {sent:?}");
+    let patches = count_of(&sent, "PATCH");
+    assert_eq!(sent.get("PATCH ietf content-digest"), Some(&patches), "every chunk carried its digest: {sent:?}");
+    // The first visit's chunks and the one the reload cut off, then from wherever the server stood.
+    let rest = (data.len() as u64 - resumed_from).div_ceil(MIB as u64);
+    assert_eq!(patches, after as u64 + 1 + rest, "{sent:?}");
+    assert!(count_of(&sent, "HEAD") >= 2, "HEAD to resume and for the SHA-256: {sent:?}");
+
+    // What ferry received over both visits: the file, plus at most the chunk that was on its way.
+    let page = app.client.get(format!("{}/metrics", app.base)).send().await.unwrap().text().await.unwrap();
+    let received = metric(&page, "ferry_received_bytes_total");
+    assert!(received >= data.len() as f64, "received {received}");
+    assert!(received <= (data.len() + MIB) as f64, "received {received} for {} bytes: chunks sent twice", data.len());
+}
+
+/// `?protocol=ietf` with files that fit in one chunk: each goes whole in its creation request
+/// (`Upload-Complete: ?1`, with its `Content-Digest`), no PATCH follows; an empty file too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_ietf_draft_the_page_sends_small_files_in_their_creation_request() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let files = Files::new();
+    let small = files.add("small ✓.txt", 300_000, 10);
+    let empty = files.add("empty.txt", 0, 11);
+
+    let mut script = args(&[("url", &format!("{}/?protocol=ietf", app.base)), ("scenario", "upload")]);
+    script.extend(args(&[("file", &files.path("small ✓.txt")), ("file", &files.path("empty.txt"))]));
+    let result = run_script("page.mjs", &script).await;
+
+    let shown = result["files"].as_array().expect("files");
+    assert_uploaded(&app, &shown[0], &small).await;
+    assert_uploaded(&app, &shown[1], &empty).await;
+    for (row, data) in shown.iter().zip([&small, &empty]) {
+        assert_eq!(number(&row["stats"], "bytesPosted"), data.len() as u64, "{row}");
+        assert_eq!(number(&row["stats"], "bytesPatched"), 0, "{row}");
+    }
+    let sent = requests(&result["requests"]);
+    assert_all_spoke(&sent, "ietf");
+    assert_eq!(sent.get("POST ietf content-digest"), Some(&2), "{sent:?}");
+    assert_eq!(count_of(&sent, "POST"), 2, "{sent:?}");
+    assert_eq!(count_of(&sent, "PATCH"), 0, "{sent:?}");
+    assert_eq!(app.upload_count().await, 2);
+}
+
+/// `protocol: 'auto'` from an application on another origin: the module asks OPTIONS in the
+/// draft's terms, sees `Upload-Limit` with `max-size` and speaks the draft from then on, across
+/// origins (its fields pass the CORS preflight and its answers can be read), in chunks of the
+/// advertised `max-append-size`, each with its `Content-Digest`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_on_another_origin_uploads_with_the_module_in_auto_mode_over_the_ietf_draft() {
+    let secret = "a token secret that is long enough for HS256";
+    let app_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let limit = 4 * MIB;
+    let app = TestApp::spawn_with(Backend::Sqlite, |args| {
+        args.cors_origin = vec![format!("http://127.0.0.1:{app_port}")];
+        args.token_secret = Some(secret.into());
+        args.max_append_size = Some(limit as u64);
+    })
+    .await;
+    let token = token_for("alice", secret);
+    let files = Files::new();
+    let data = files.add("auto.bin", 64 * MIB + 4321, 12);
+
+    let script = args(&[
+        ("app-port", &app_port.to_string()),
+        ("endpoint", &app.files),
+        ("file", &files.path("auto.bin")),
+        ("token", &token),
+        ("chunk-size", &(8 * MIB).to_string()),
+        ("module-options", r#"{"protocol": "auto"}"#),
+        ("client", "module"),
+    ]);
+    let result = run_script("clients.mjs", &script).await;
+
+    let run = &result["runs"][0];
+    assert_eq!(text(run, "protocol"), "ietf", "auto chose the draft: {run}");
+    assert_eq!(text(run, "sha256"), sha256_hex(&data));
+    let url = text(run, "url");
+    let response = app.client.get(url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(response.status(), 200, "GET {url}");
+    assert_same_bytes("the upload", &response.bytes().await.unwrap(), &data);
+    assert_eq!(run["checksums"], true, "Content-Digest on every chunk");
+    assert_eq!(number(run, "maxAppendSize"), limit as u64, "read from the draft's Upload-Limit across origins");
+    let chunks = data.len().div_ceil(limit) as u64;
+    assert_eq!(number(&run["stats"], "chunks"), chunks, "no chunk above max-append-size: {run}");
+    assert_eq!(number(&run["stats"], "retries"), 0, "{run}");
+
+    let sent = requests(&run["requests"]);
+    assert_all_spoke(&sent, "ietf");
+    assert_eq!(sent.get("OPTIONS ietf"), Some(&1), "{sent:?}");
+    assert_eq!(sent.get("POST ietf"), Some(&1), "{sent:?}");
+    assert_eq!(sent.get("PATCH ietf content-digest"), Some(&chunks), "{sent:?}");
+    assert_eq!(app.upload_count().await, 1);
+}
+
+// ------------------------------------------------------------------------------------------------
 // Clients in an application on another origin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,6 +582,8 @@ async fn apps_on_another_origin_upload_with_the_module_tus_js_client_and_uppy() 
     assert_eq!(number(module, "maxAppendSize"), limit as u64);
     assert_eq!(number(&module["stats"], "chunks"), data.len().div_ceil(limit) as u64, "no chunk above Upload-Limit");
     assert!(number(module, "progressEvents") > 0);
+    assert_eq!(text(module, "protocol"), "tus", "tus unless asked otherwise");
+    assert_all_spoke(&requests(&module["requests"]), "tus");
     assert_eq!(app.upload_count().await, 3);
 
     let speed: Vec<String> = runs
@@ -453,14 +605,25 @@ async fn apps_on_another_origin_upload_with_the_module_tus_js_client_and_uppy() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_nginx_the_page_shrinks_its_chunks_until_they_pass() {
+    page_through_nginx("tus").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_nginx_the_page_shrinks_its_chunks_with_the_ietf_draft_too() {
+    page_through_nginx("ietf").await;
+}
+
+/// The page, speaking `protocol`, through the default chain: 8 MiB chunks until they pass.
+async fn page_through_nginx(protocol: &str) {
     let app = TestApp::spawn_with(Backend::Sqlite, |args| args.behind_proxy = true).await;
     let chain = ProxyChain::start(&app.addr.to_string());
     let files = Files::new();
     let data = files.add("through-nginx.bin", 12 * MIB + 3, 7);
 
     // The page itself comes through the proxies too: one origin, so the browser sees nginx's 413.
+    let query = format!("?chunkSize=8MiB&retryDelay=100&maxRetryDelay=1000&protocol={protocol}");
     let script = args(&[
-        ("url", &format!("{}/?chunkSize=8MiB&retryDelay=100&maxRetryDelay=1000", chain.url())),
+        ("url", &format!("{}/{query}", chain.url())),
         ("scenario", "upload"),
         ("file", &files.path("through-nginx.bin")),
     ]);
@@ -476,10 +639,22 @@ async fn through_nginx_the_page_shrinks_its_chunks_until_they_pass() {
     assert_eq!(number(stats, "shrinks"), 3, "8 MiB, 4 MiB, 2 MiB refused; 1 MiB passes: {stats}");
     assert_eq!(number(shown, "chunkSize"), MIB as u64);
     assert_eq!(number(stats, "bytesPatched"), data.len() as u64);
+    assert_all_spoke(&requests(&result["requests"]), protocol);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_nginx_from_another_origin_the_module_shrinks_on_opaque_failures() {
+    module_through_nginx_from_another_origin("tus").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_nginx_from_another_origin_the_module_shrinks_with_the_ietf_draft_too() {
+    module_through_nginx_from_another_origin("ietf").await;
+}
+
+/// The module on another origin, speaking `protocol`, through the default chain: 4 MiB chunks
+/// that fail without an answer until they pass.
+async fn module_through_nginx_from_another_origin(protocol: &str) {
     let app_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let app = TestApp::spawn_with(Backend::Sqlite, |args| {
         args.behind_proxy = true;
@@ -492,13 +667,14 @@ async fn through_nginx_from_another_origin_the_module_shrinks_on_opaque_failures
 
     // nginx's 413 carries no CORS headers: to the page it is a network error like any other. Small
     // requests (HEAD) get through while the large chunk keeps failing, so the module shrinks it.
-    let options = r#"{"retryDelay": 100, "maxRetryDelay": 1000, "minChunkSize": 262144}"#;
+    let options =
+        format!(r#"{{"retryDelay": 100, "maxRetryDelay": 1000, "minChunkSize": 262144, "protocol": "{protocol}"}}"#);
     let script = args(&[
         ("app-port", &app_port.to_string()),
         ("endpoint", &format!("{}/files/", chain.url())),
         ("file", &files.path("opaque.bin")),
         ("chunk-size", &(4 * MIB).to_string()),
-        ("module-options", options),
+        ("module-options", &options),
         ("client", "module"),
     ]);
     let result = run_script("clients.mjs", &script).await;
@@ -509,6 +685,7 @@ async fn through_nginx_from_another_origin_the_module_shrinks_on_opaque_failures
     assert_same_bytes("the upload", &app.download(&url).await, &data);
     assert_eq!(number(&run["stats"], "shrinks"), 2, "4 MiB and 2 MiB failed; 1 MiB passes: {run}");
     assert_eq!(number(run, "chunkSize"), MIB as u64);
+    assert_all_spoke(&requests(&run["requests"]), protocol);
 }
 
 // ------------------------------------------------------------------------------------------------

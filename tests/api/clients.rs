@@ -1,6 +1,7 @@
 //! Real tus clients against a real server: tuspy (Python) and tus-js-client (Node.js), run as
-//! child processes by the scripts in `tests/clients/`. Each upload is checked byte for byte
-//! through a download and against the SHA-256 the server reports in `Repr-Digest`.
+//! child processes by the scripts in `tests/clients/`; tus-js-client also in its two modes for the
+//! IETF resumable-uploads draft (`ietf-draft-03`, `ietf-draft-05`). Each upload is checked byte
+//! for byte through a download and against the SHA-256 the server reports in `Repr-Digest`.
 //!
 //! Set-up (done by `bash tests/run`): a virtualenv with `tests/clients/requirements.txt` whose
 //! python is named by `FERRY_TEST_PYTHON` (default `python3`), and `npm ci` in `tests/clients`.
@@ -32,6 +33,8 @@ backend_tests!(
     tusjs_resumes_a_previous_upload_after_abort,
     tusjs_resumes_an_upload_cut_off_mid_request,
     tusjs_parallel_uploads_are_concatenated,
+    tusjs_ietf_draft_05_uploads_64_mib_through_a_cut_off_request,
+    tusjs_ietf_draft_03_uploads_64_mib_through_a_cut_off_request,
 );
 
 /// A few MiB that no chunk size below divides.
@@ -105,7 +108,7 @@ impl Run {
         value.parse().unwrap_or_else(|_| panic!("'{key}={value}' is not a number"))
     }
 
-    fn all(&self, key: &str) -> Vec<String> {
+    pub(crate) fn all(&self, key: &str) -> Vec<String> {
         self.fields.get(key).cloned().unwrap_or_default()
     }
 }
@@ -488,4 +491,75 @@ async fn tusjs_parallel_uploads_are_concatenated(backend: Backend) {
     .await;
     assert_stored(&app, &run.url, &ws.data, name).await;
     assert_eq!(app.upload_count().await, 3);
+}
+
+// ---------------------------------------------------------------- tus-js-client, IETF draft
+
+/// A large file that no chunk size below divides, in chunks large enough that the cut-off
+/// request below carries megabytes.
+const IETF_FILE_SIZE: usize = 64 * 1024 * 1024 + 12_345;
+const IETF_CHUNK: usize = 4 * 1024 * 1024;
+
+async fn tusjs_ietf_draft_05_uploads_64_mib_through_a_cut_off_request(backend: Backend) {
+    tusjs_ietf_upload(backend, "ietf-draft-05", 301).await;
+}
+
+async fn tusjs_ietf_draft_03_uploads_64_mib_through_a_cut_off_request(backend: Backend) {
+    tusjs_ietf_upload(backend, "ietf-draft-03", 302).await;
+}
+
+/// tus-js-client with `protocol` (one of its IETF modes; its requests carry
+/// `Upload-Draft-Interop-Version` 5 or 6 and no `Tus-Resumable`): the POST carries the first
+/// chunk, the run is cut off in the middle of a PATCH, and a second run finds the upload in its
+/// URL storage, asks HEAD where it stands and finishes it. ferry answers each request as the
+/// draft of that interop version says: no `Tus-Resumable`, 201 with `Upload-Complete: ?0` for a
+/// creation or append that leaves the upload incomplete, 200 with `?1` for the last one.
+async fn tusjs_ietf_upload(backend: Backend, protocol: &str, seed: u64) {
+    let node = require_tusjs().await;
+    let app = TestApp::spawn(backend).await;
+    let ws = Workspace::new(IETF_FILE_SIZE, seed);
+    let name = format!("{protocol} ✓.bin");
+    let storage = ws.path("tusjs-urls.json");
+    let args = with(ws.args(&app, IETF_CHUNK, &name), &["--protocol", protocol, "--storage", &storage]);
+
+    // The first progress event of a request comes once its first 64 KiB are on their way (later
+    // ones are throttled), so a limit on a chunk boundary cuts off the request that starts there:
+    // the third PATCH, after the POST and two PATCHes.
+    let cut_at = (3 * IETF_CHUNK).to_string();
+    let first = run_client(
+        &node,
+        "tusjs_upload.mjs",
+        &with(args.clone(), &["--data-during-creation", "--abort-mid-request", &cut_at]),
+    )
+    .await;
+    assert_eq!(first.text("protocol"), protocol);
+    assert_eq!(first.text("aborted"), "true");
+    assert_eq!(first.text("complete"), "false");
+    assert_eq!(first.number("posts"), 1);
+    assert_eq!(first.number("post_offset"), IETF_CHUNK as u64, "the POST carried the first chunk");
+    assert_eq!(first.number("patches"), 3, "two PATCHes answered, the third cut off");
+    assert_eq!(first.number("sent"), 3 * IETF_CHUNK as u64);
+    assert_eq!(first.all("answer"), ["POST 201 ?0", "PATCH 201 ?0", "PATCH 201 ?0"], "answers to the first run");
+    assert_eq!(first.number("tus_answers"), 0, "ferry answered every request in the draft's terms");
+    let before = incomplete_offset(&app, &first.url, IETF_FILE_SIZE).await;
+    assert!(before >= 3 * IETF_CHUNK as u64, "the answered chunks were kept: offset {before}");
+
+    // The server keeps what arrived of the cut body, and may still be finishing that request when
+    // the client comes back: retries are allowed, and the client goes on from whatever HEAD says.
+    let second = run_client(&node, "tusjs_upload.mjs", &with(args, &["--retry-delays", "0,200,1000"])).await;
+    assert_eq!(second.text("resumed_from"), first.url, "the URL storage named the first run's upload");
+    assert_eq!(second.url, first.url);
+    assert_eq!(second.number("posts"), 0, "no new upload was created");
+    let resumed_at = second.number("start_offset");
+    assert!(resumed_at >= before, "resumed at {resumed_at}, below the {before} the server reported");
+    assert_eq!(second.number("sent"), IETF_FILE_SIZE as u64 - resumed_at);
+    assert_eq!(second.text("complete"), "true");
+    assert_eq!(second.number("tus_answers"), 0);
+    let answers = second.all("answer");
+    assert_eq!(answers.first().map(String::as_str), Some("HEAD 204 ?0"), "offset retrieval: {answers:?}");
+    let last: Vec<&String> = answers.iter().filter(|a| a.ends_with("?1")).collect();
+    assert_eq!(last, [answers.last().unwrap()], "only the last answer says the upload is complete: {answers:?}");
+    assert_eq!(answers.last().map(String::as_str), Some("PATCH 200 ?1"), "{answers:?}");
+    assert_stored(&app, &first.url, &ws.data, &name).await;
+    assert_eq!(app.upload_count().await, 1);
 }

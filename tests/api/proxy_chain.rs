@@ -7,6 +7,7 @@
 //!   `Upload-Limit` and get a 256 MiB file through byte for byte; the app hears
 //!   `upload.completed` for each. The same file sent as one request is refused with 413, as in the
 //!   old days. `ferry upload` goes on through a restart of the host nginx and of ferry.
+//!   tus-js-client in its IETF draft mode gets 64 MiB through the same proxies.
 //! - The shipped deployment: `deploy/nginx/ferry.conf` runs as the host nginx (after `nginx -t`),
 //!   the ingress gets what the annotations of `deploy/kubernetes/ingress.yaml` say, and ferry runs
 //!   with the environment of the ConfigMap and Secret.
@@ -338,6 +339,88 @@ async fn three_clients_upload_256_mib_through_two_default_nginx() {
     let refused: Vec<String> =
         world.chain.host.access_log().lines().filter(|line| line.contains("\" 413 ")).map(String::from).collect();
     assert_eq!(refused.len(), 1, "only the whole-file POST was too large: {refused:#?}");
+}
+
+/// tus-js-client in its `ietf-draft-05` mode (`Upload-Draft-Interop-Version: 6`, no
+/// `Tus-Resumable`) through two nginx at their defaults in front of two ferry instances: it takes
+/// its chunk size from the draft's `Upload-Limit` and gets 64 MiB through byte for byte, every
+/// request answered in the draft's terms, none refused by a proxy.
+///
+/// ferry answers a creation that names a served interop version with `104 Upload Resumption
+/// Supported` first, but only over HTTP/1.1. nginx at its defaults speaks HTTP/1.0 to its upstream
+/// (`proxy_http_version 1.0`), so ferry sends none behind it, and the client gets the `201`
+/// alone. (An nginx with `proxy_http_version 1.1`, as in `deploy/nginx/ferry.conf`, takes the
+/// `104` for its final answer and passes ferry's `201` on as that answer's body.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tusjs_in_ietf_draft_05_mode_uploads_through_two_default_nginx() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let node = require_tusjs().await;
+    let file = TestFile::new(64 * MIB + 12_345, 4);
+    let world = World::start(Proxies::Defaults, &["--max-append-size", "1MiB", "--behind-proxy"], &[]).await;
+
+    // A creation as tus-js-client sends it, read byte for byte from the host nginx: whatever
+    // interim responses reach the client are in there.
+    let mut socket = tokio::net::TcpStream::connect(world.chain.host.authority()).await.expect("connect to nginx");
+    let request = format!(
+        "POST /files/ HTTP/1.1\r\nHost: {}\r\nUpload-Draft-Interop-Version: 6\r\nUpload-Complete: ?0\r\n\
+         Upload-Length: 10\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        world.chain.host.authority()
+    );
+    socket.write_all(request.as_bytes()).await.expect("send the creation");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), socket.read_to_end(&mut answer))
+        .await
+        .expect("nginx answered and closed within 30 s")
+        .expect("read the answer");
+    let answer = String::from_utf8_lossy(&answer);
+    let head = answer.split("\r\n\r\n").next().unwrap_or_default();
+    assert!(head.starts_with("HTTP/1.1 201 "), "the creation's answer through the proxies:\n{answer}");
+    assert!(!answer.contains(" 104 "), "no 104 came through:\n{answer}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("\r\nupload-complete: ?0\r\n"), "{answer}");
+    assert!(!lower.contains("\r\ntus-resumable:"), "answered in the draft's terms: {answer}");
+    let location = head
+        .lines()
+        .find_map(|line| line.split_once(':').filter(|(name, _)| name.eq_ignore_ascii_case("location")))
+        .map(|(_, value)| value.trim().to_string())
+        .unwrap_or_else(|| panic!("no Location:\n{answer}"));
+    assert!(location.starts_with(&world.files), "Location {location} is not the host nginx's");
+    // Why: the host nginx spoke HTTP/1.0 to the ingress (nginx's default, the ingress' too).
+    let ingress_log = world.chain.ingress.access_log();
+    assert!(ingress_log.contains("\"POST /files/ HTTP/1.0\" 201 "), "the ingress' log:\n{ingress_log}");
+    let cancel = world.http.delete(&location).header("Upload-Draft-Interop-Version", "6").send().await.unwrap();
+    assert_eq!(cancel.status(), 204, "DELETE {location} through the proxies");
+
+    let args: Vec<String> = ["--endpoint", &world.files, "--file", file.path(), "--chunk-size", "auto"]
+        .into_iter()
+        .chain(["--filename", "big.bin", "--protocol", "ietf-draft-05"])
+        .map(String::from)
+        .collect();
+    let started = Instant::now();
+    let run = run_client(&node, "tusjs_upload.mjs", &args).await;
+    eprintln!("tusjs_upload.mjs --protocol ietf-draft-05: 64 MiB through two nginx in {:?}", started.elapsed());
+    assert_eq!(run.text("complete"), "true");
+    assert_eq!(run.text("protocol"), "ietf-draft-05");
+    assert_eq!(run.number("chunk_size"), NGINX_DEFAULT_BODY, "the chunk size from the draft's Upload-Limit");
+    let chunks = file.len.div_ceil(NGINX_DEFAULT_BODY);
+    assert_eq!(run.number("patches"), chunks, "one PATCH per chunk, none refused");
+    assert_eq!(run.number("retries"), 0);
+    assert_eq!(run.number("tus_answers"), 0, "ferry answered every request in the draft's terms");
+    let answers = run.all("answer");
+    let mut expected = vec!["POST 201 ?0".to_string()];
+    expected.extend((1..chunks).map(|_| "PATCH 201 ?0".to_string()));
+    expected.push("PATCH 200 ?1".into());
+    assert_eq!(answers, expected, "interop 6: 201 while incomplete, 200 once complete");
+    assert!(run.url.starts_with(&world.files), "upload URL {} is not the host nginx's", run.url);
+    world.assert_delivered(&run.url, &file).await;
+
+    let log = world.chain.host.access_log();
+    let unexpected: Vec<&str> = log
+        .lines()
+        .filter(|line| !line.contains("\" 201 ") && !line.contains("\" 200 ") && !line.contains("\" 204 "))
+        .collect();
+    assert!(unexpected.is_empty(), "requests the host nginx did not pass as 200, 201 or 204: {unexpected:#?}");
 }
 
 /// `ferry upload` through two nginx at their defaults, slowed down so that things can happen

@@ -11,7 +11,8 @@
 // Options: --client (module, tusjs, uppy; repeatable, run in that order in one page), --token (sent
 // as Authorization: Bearer), --chunk-size (bytes; for the module the starting and largest size),
 // --module-options (JSON, more options for the module's FerryUploader).
-// Prints { origin, runs: [{ client, url, ms, events? }] }.
+// Prints { origin, runs: [{ client, url, ms, requests, events? }] }, where requests counts the
+// run's requests by method and protocol (see recordProtocols in lib.mjs).
 
 import { createServer } from 'node:http'
 import { dirname } from 'node:path'
@@ -20,7 +21,7 @@ import { parseArgs } from 'node:util'
 
 import { build } from 'esbuild'
 
-import { fail, newPage, withBrowser } from './lib.mjs'
+import { fail, newPage, recordProtocols, withBrowser } from './lib.mjs'
 
 const { values: args } = parseArgs({
   options: {
@@ -114,6 +115,7 @@ const runners = {
       chunkSize: upload.chunkSize,
       checksums: uploader._checksums,
       maxAppendSize: uploader.maxAppendSize,
+      protocol: uploader.protocol,
     }
   },
   tusjs: async ({ endpoint, token, chunkSize }) => {
@@ -163,6 +165,7 @@ await new Promise((resolve, reject) => {
 
 await withBrowser(async (browser) => {
   const page = await newPage(browser)
+  const requests = recordProtocols(page, args.endpoint)
   await page.goto(`${ORIGIN}/`)
   await page.waitForSelector('body[data-ready="true"]', { state: 'attached' })
   await page.setInputFiles('#file', args.file)
@@ -171,7 +174,7 @@ await withBrowser(async (browser) => {
     const runner = runners[client] ?? fail(`unknown --client ${client}`)
     const given = { endpoint: args.endpoint, token: args.token ?? null, chunkSize, moduleOptions: JSON.parse(args['module-options']) }
     const result = await page.evaluate(runner, given)
-    runs.push({ client, ...result })
+    runs.push({ client, ...result, requests: requests.take() })
   }
   return { origin: ORIGIN, runs }
 })

@@ -124,3 +124,35 @@ export async function serverOffset(url, token) {
   if (!response.ok) throw new Error(`HEAD ${url}: ${response.status}`)
   return Number(response.headers.get('upload-offset'))
 }
+
+/**
+ * Records, from the browser's side, which protocol each request to the endpoint or an upload URL
+ * announced. `take()` counts the requests since the last `take()` by key, such as
+ * `{ 'POST ietf': 1, 'PATCH ietf content-digest': 12 }`: the method; then `ietf`
+ * (Upload-Draft-Interop-Version and no Tus-Resumable; followed by the version when it is not 9),
+ * `tus` (Tus-Resumable only), `both` or `neither`; then the per-chunk digest field, if any.
+ * CORS preflights are the browser's own and not among them.
+ */
+export function recordProtocols(page, endpointUrl) {
+  const endpoint = new URL(endpointUrl)
+  let counts = {}
+  page.on('request', (request) => {
+    const url = new URL(request.url())
+    if (url.origin !== endpoint.origin || !url.pathname.startsWith(endpoint.pathname)) return
+    const headers = request.headers()
+    const interop = headers['upload-draft-interop-version']
+    const tus = 'tus-resumable' in headers
+    let kind = interop !== undefined ? (tus ? 'both' : 'ietf') : tus ? 'tus' : 'neither'
+    if (interop !== undefined && interop !== '9') kind += ` ${interop}`
+    const digest = ['content-digest', 'upload-checksum'].find((name) => name in headers)
+    const key = [request.method(), kind, digest].filter(Boolean).join(' ')
+    counts[key] = (counts[key] ?? 0) + 1
+  })
+  return {
+    take() {
+      const taken = counts
+      counts = {}
+      return taken
+    },
+  }
+}

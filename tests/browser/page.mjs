@@ -14,12 +14,13 @@
 //   pause    hold the PATCH after --after, press Pause (--screenshot saves the paused page), watch
 //            the server's offset stand still, then press Resume with the keyboard and wait until done
 //
-// Prints one JSON object: { files: [{ name, state, url, sha256, ms, stats, chunkSize, ... }], ... }
+// Prints one JSON object: { files: [{ name, state, url, sha256, ms, stats, chunkSize, ... }],
+// requests: { 'PATCH tus upload-checksum': 12, ... } (see recordProtocols in lib.mjs), ... }
 
 import { basename } from 'node:path'
 import { parseArgs } from 'node:util'
 
-import { fail, gateUploads, newPage, serverOffset, waitFor, withBrowser } from './lib.mjs'
+import { fail, gateUploads, newPage, recordProtocols, serverOffset, waitFor, withBrowser } from './lib.mjs'
 
 const { values: args } = parseArgs({
   options: {
@@ -194,4 +195,9 @@ const scenarios = {
 }
 
 const scenario = scenarios[args.scenario] ?? fail(`unknown --scenario ${args.scenario}`)
-await withBrowser(async (browser) => scenario(await newPage(browser)))
+await withBrowser(async (browser) => {
+  const page = await newPage(browser)
+  const requests = recordProtocols(page, new URL(endpointPath, args.url).href)
+  const result = await scenario(page)
+  return { ...result, requests: requests.take() }
+})

@@ -6,6 +6,9 @@
 //       --chunk-size 524288 --filename big.bin
 //
 // Options beyond the basics, each switching on one way a real application uses the client:
+//   --protocol P                tus (the default), or one of the IETF resumable-uploads drafts
+//                               tus-js-client speaks: ietf-draft-03 (Upload-Draft-Interop-Version
+//                               5) or ietf-draft-05 (version 6); passed as its protocol option
 //   --storage FILE              keep upload URLs in tus-js-client's FileUrlStorage and, before
 //                               starting, look for a previous upload of the same file there
 //                               (findPreviousUploads + resumeFromPreviousUpload)
@@ -19,8 +22,8 @@
 //   --override-patch            send PATCH as POST + X-HTTP-Method-Override
 //   --retry-delays a,b,c        retryDelays in ms (default: none, so any error fails the run)
 //
-// --chunk-size auto asks the server first (OPTIONS) and uses the max-append-size of its
-// Upload-Limit answer: the largest body the proxies in front let through.
+// --chunk-size auto asks the server first (OPTIONS, in the protocol of the run) and uses the
+// max-append-size of its Upload-Limit answer: the largest body the proxies in front let through.
 //
 // Prints key=value lines describing the run, then the upload URL as the last line:
 //   start_offset  where this run began (the offset HEAD reported when resuming, else 0)
@@ -34,6 +37,10 @@
 //   aborted       whether this run stopped on purpose before the end
 //   complete      whether the client reported success
 //   chunk_size    the chunk size used
+//   protocol      the protocol option given to tus-js-client
+//   answer        one line per response: method, status and Upload-Complete (- when absent)
+//   tus_answers   how many responses carried Tus-Resumable (none, when the server took the run
+//                 for the IETF draft)
 
 import { createReadStream } from 'node:fs'
 import { PassThrough } from 'node:stream'
@@ -59,6 +66,7 @@ const { values: args } = parseArgs({
     'data-during-creation': { type: 'boolean', default: false },
     'override-patch': { type: 'boolean', default: false },
     'retry-delays': { type: 'string' },
+    protocol: { type: 'string', default: 'tus' },
   },
   strict: true,
 })
@@ -75,9 +83,18 @@ function positive(name) {
   return n
 }
 
+// tus-js-client's name for each protocol, and the header that announces it (as tus-js-client
+// sends it on every request).
+const PROTOCOLS = {
+  tus: { option: 'tus-v1', headers: { 'Tus-Resumable': '1.0.0' } },
+  'ietf-draft-03': { option: 'ietf-draft-03', headers: { 'Upload-Draft-Interop-Version': '5' } },
+  'ietf-draft-05': { option: 'ietf-draft-05', headers: { 'Upload-Draft-Interop-Version': '6' } },
+}
+const protocol = PROTOCOLS[args.protocol] ?? fail(`--protocol must be one of ${Object.keys(PROTOCOLS).join(', ')}`)
+
 // The max-append-size of the server's Upload-Limit (a structured-field dictionary of key=value).
 async function advertisedChunkSize(endpoint) {
-  const res = await fetch(endpoint, { method: 'OPTIONS', headers: { 'Tus-Resumable': '1.0.0' } })
+  const res = await fetch(endpoint, { method: 'OPTIONS', headers: protocol.headers })
   if (!res.ok) fail(`OPTIONS ${endpoint}: ${res.status}`)
   const limit = res.headers.get('Upload-Limit')
   if (!limit) fail(`--chunk-size auto, but OPTIONS ${endpoint} sent no Upload-Limit`)
@@ -108,6 +125,8 @@ const stats = {
   final_concat: null,
   retries: 0,
   aborted: false,
+  answers: [],
+  tus_answers: 0,
 }
 
 function report(url, complete) {
@@ -125,6 +144,9 @@ function report(url, complete) {
     `aborted=${stats.aborted}`,
     `complete=${complete}`,
     `chunk_size=${chunkSize}`,
+    `protocol=${protocol.option}`,
+    ...stats.answers.map((a) => `answer=${a}`),
+    `tus_answers=${stats.tus_answers}`,
     url ?? '',
   ]
   // Writes to a pipe are synchronous in Node.js on Linux, so exiting right after is safe.
@@ -168,6 +190,7 @@ function abortAndExit() {
 
 const options = {
   endpoint: args.endpoint,
+  protocol: protocol.option,
   chunkSize,
   metadata: args.filename ? { filename: args.filename } : {},
   retryDelays: args['retry-delays'] ? args['retry-delays'].split(',').map(Number) : null,
@@ -186,6 +209,8 @@ const options = {
     const method = req.getHeader('X-HTTP-Method-Override') ?? req.getMethod()
     const status = res.getStatus()
     const offset = offsetOf(res)
+    stats.answers.push(`${method} ${status} ${res.getHeader('Upload-Complete') ?? '-'}`)
+    if (res.getHeader('Tus-Resumable') !== undefined) stats.tus_answers += 1
     if (method === 'HEAD' && status < 300 && offset !== null) {
       stats.start_offset = offset
     } else if (method === 'PATCH' && status < 300 && offset !== null) {

@@ -28,7 +28,8 @@ pub enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
-    /// Upload files to a ferry (or any tus 1.0) server, resumably: rerun the same command to resume.
+    /// Upload files to a ferry (or any tus 1.0, or IETF resumable-uploads) server, resumably: rerun
+    /// the same command to resume.
     Upload(Box<crate::cli::upload::UploadArgs>),
     /// Check the way from a client to ferry: the proxies' body limit and buffering, latency,
     /// throughput; recommends a chunk size and proxy settings.

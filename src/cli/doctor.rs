@@ -1,7 +1,10 @@
 //! `ferry doctor URL`: checks the way from a client to ferry the way uploads travel it, through
 //! every proxy in front, and says what to change.
 //!
-//! It asks OPTIONS what the tus server offers, then uses ferry's probe endpoint
+//! It asks OPTIONS what the tus server offers and whether the IETF draft "Resumable Uploads for
+//! HTTP" is spoken too (then a tiny upload is created through the proxies, to see its `201`, its
+//! `Location`, its `Upload-Complete` and whether the `104` interim response got through, and is
+//! deleted again), then uses ferry's probe endpoint
 //! (`POST {URL}probe`, which reads and discards a body and says when the bytes arrived) to find
 //! the largest body the proxies let through (bisection to within 1 %), to see whether a proxy
 //! buffers request bodies (a slowly sent body that reaches ferry all at once, after the client has
@@ -20,6 +23,10 @@ use clap::Args;
 use futures_util::stream;
 use serde::Serialize;
 
+use crate::cli::upload::{
+    policy::UploadLimit,
+    protocol::{INTEROP_HEADER, INTEROP_VERSION, Ietf, Protocol},
+};
 use crate::http::probe::{PROBE_HEADER, SEGMENT};
 
 const KIB: u64 = 1 << 10;
@@ -96,6 +103,8 @@ pub struct Report {
     pub url: String,
     pub ok: bool,
     pub tus: TusInfo,
+    /// The IETF draft, through the proxies.
+    pub ietf: IetfInfo,
     /// Median round trip of an OPTIONS request.
     pub latency_ms: f64,
     pub probe: ProbeStatus,
@@ -121,6 +130,39 @@ pub struct TusInfo {
     /// `Upload-Limit: max-append-size=N`, what ferry currently asks clients to stay below.
     pub max_append_size: Option<u64>,
     pub checksum_algorithms: Vec<String>,
+}
+
+/// What the endpoint does in the IETF draft's terms (asked with interop version
+/// [`INTEROP_VERSION`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct IetfInfo {
+    pub interop_version: u64,
+    /// OPTIONS with `Upload-Draft-Interop-Version` answered `Upload-Limit`, which the draft asks
+    /// of every server taking resumable uploads.
+    pub offered: bool,
+    /// That `Upload-Limit`.
+    pub upload_limit: Option<String>,
+    /// The test upload; absent when the draft is not offered.
+    pub creation: Option<IetfCreation>,
+}
+
+/// A creation with `Upload-Complete: ?0` and no content, through the proxies.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IetfCreation {
+    /// The final status; absent when no answer came.
+    pub status: Option<u16>,
+    pub location: Option<String>,
+    /// The final answer's `Upload-Complete` (`?0` expected).
+    pub upload_complete: Option<String>,
+    /// Whether `104 Upload Resumption Supported` arrived before the final answer; absent when
+    /// it cannot be seen (over https the doctor's HTTP client hides interim responses).
+    pub interim_104: Option<bool>,
+    /// The `104`'s `Location`, which must be the final answer's.
+    pub interim_location: Option<String>,
+    /// The `DELETE` of the test upload answered 204.
+    pub deleted: bool,
+    /// What went wrong, when something did.
+    pub problem: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -412,10 +454,18 @@ pub fn render_report(report: &Report) -> String {
     let w = &mut out;
     let _ = writeln!(w, "ferry doctor {}\n", report.url);
     let tus = &report.tus;
+    let mut spoken = vec![format!("tus {}", tus.version)];
+    if report.ietf.offered {
+        spoken.push(format!("the IETF draft (interop {})", report.ietf.interop_version));
+    }
+    let _ = writeln!(w, "  protocols     {}", spoken.join(" and "));
     let _ = writeln!(w, "  tus server    tus {} with {}", tus.version, tus.extensions.join(", "));
     let max = tus.max_size.map_or("not advertised".into(), human_size);
     let limit = tus.max_append_size.map_or("not advertised".into(), |n| format!("max-append-size={n}"));
     let _ = writeln!(w, "                Tus-Max-Size {max}; Upload-Limit {limit}");
+    for (i, line) in ietf_lines(&report.ietf).iter().enumerate() {
+        let _ = writeln!(w, "  {:<12}  {line}", if i == 0 { "IETF draft" } else { "" });
+    }
     let _ = writeln!(w, "  latency       {:.1} ms (median of {LATENCY_SAMPLES} OPTIONS)", report.latency_ms);
     match (&report.limit, report.probe.available) {
         (Some(found), _) if found.found => {
@@ -505,6 +555,97 @@ pub fn render_report(report: &Report) -> String {
     out
 }
 
+/// The report's lines on the IETF draft: what OPTIONS said, and how the test upload went.
+pub fn ietf_lines(ietf: &IetfInfo) -> Vec<String> {
+    let version = ietf.interop_version;
+    let Some(limit) = ietf.upload_limit.as_deref().filter(|_| ietf.offered) else {
+        return vec![format!(
+            "not offered: OPTIONS with Upload-Draft-Interop-Version: {version} answered no Upload-Limit"
+        )];
+    };
+    let mut lines = vec![format!("interop {version}; Upload-Limit {limit}")];
+    let Some(creation) = &ietf.creation else { return lines };
+    let Some(status) = creation.status else {
+        let problem = creation.problem.as_deref().unwrap_or("no answer");
+        lines.push(format!("test upload failed: {problem}"));
+        return lines;
+    };
+    let mut parts = vec![format!("test upload: {status}")];
+    if (200..300).contains(&status) {
+        parts.push(if creation.location.is_some() { "Location".into() } else { "no Location".into() });
+        parts.push(match &creation.upload_complete {
+            Some(value) => format!("Upload-Complete: {value}"),
+            None => "no Upload-Complete".into(),
+        });
+        parts.push(
+            match creation.interim_104 {
+                Some(true) => "104 passed",
+                Some(false) => "104 not passed by the proxies",
+                None => "104 not checked (https)",
+            }
+            .into(),
+        );
+        parts.push(if creation.deleted { "deleted".into() } else { "NOT deleted".into() });
+    } else if let Some(problem) = &creation.problem {
+        parts.push(problem.clone());
+    }
+    lines.push(parts.join(", "));
+    lines
+}
+
+/// What needs attention in the draft's test upload.
+pub fn ietf_warnings(ietf: &IetfInfo) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let Some(creation) = ietf.creation.as_ref().filter(|_| ietf.offered) else { return warnings };
+    match creation.status {
+        Some(status) if (200..300).contains(&status) => {}
+        status => {
+            let problem = creation.problem.as_deref().unwrap_or("no answer");
+            let status = status.map(|s| format!(" with {s}")).unwrap_or_default();
+            warnings.push(format!(
+                "the server offers the IETF draft, but creating an upload that way through the proxies failed\
+                 {status}: {problem}"
+            ));
+            return warnings;
+        }
+    }
+    if creation.location.is_none() {
+        warnings.push("the IETF draft's creation was answered without Location: its clients cannot go on".into());
+    }
+    if creation.upload_complete.as_deref() != Some("?0") {
+        warnings.push(format!(
+            "the IETF draft's creation was answered with {}, not Upload-Complete: ?0",
+            creation
+                .upload_complete
+                .as_deref()
+                .map_or("no Upload-Complete".into(), |v| format!("Upload-Complete: {v}"))
+        ));
+    }
+    if creation.interim_104 == Some(false) {
+        warnings.push(
+            "104 not passed by the proxies: clients of the IETF draft learn an upload's URL only from the final \
+             answer, so a creation that carries the file and breaks off cannot be resumed (uploads created \
+             empty and sent in appends are not affected; nginx drops interim responses)"
+                .into(),
+        );
+    }
+    if let (Some(interim), Some(location)) = (&creation.interim_location, &creation.location)
+        && interim != location
+    {
+        warnings.push(format!(
+            "the 104's Location ({interim}) differs from the final answer's ({location}): the draft wants them equal"
+        ));
+    }
+    if !creation.deleted {
+        warnings.push(format!(
+            "the doctor's test upload{} could not be deleted{}; it expires on its own",
+            creation.location.as_deref().map(|l| format!(" {l}")).unwrap_or_default(),
+            creation.problem.as_deref().map(|p| format!(" ({p})")).unwrap_or_default()
+        ));
+    }
+    warnings
+}
+
 fn path_of(url: &str) -> String {
     url::Url::parse(url).map(|u| u.path().to_string()).unwrap_or_else(|_| "/files/".into())
 }
@@ -592,9 +733,15 @@ impl Doctor {
         })
     }
 
+    /// A tus request.
     fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        self.plain_request(method, url).header("Tus-Resumable", "1.0.0")
+    }
+
+    /// A request of no protocol yet (ferry takes one with `Tus-Resumable` for tus).
+    fn plain_request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let request = self.client.request(method, url).header("Tus-Resumable", "1.0.0");
+        let request = self.client.request(method, url);
         match &self.token {
             Some(token) => request.bearer_auth(token),
             None => request,
@@ -604,6 +751,7 @@ impl Doctor {
     async fn examine(&self) -> anyhow::Result<Report> {
         let started = Instant::now();
         let tus = self.options().await?;
+        let ietf = self.ietf().await;
         let latency_ms = self.latency().await?;
         let mut warnings = Vec::new();
 
@@ -670,12 +818,14 @@ impl Doctor {
                 warnings.push(format!("the server does not offer the tus extension {extension}"));
             }
         }
+        warnings.extend(ietf_warnings(&ietf));
 
         Ok(Report {
             url: self.endpoint.clone(),
             ok: probe.available,
             advice: advice(tus.max_size),
             tus,
+            ietf,
             latency_ms,
             probe,
             limit,
@@ -724,6 +874,158 @@ impl Doctor {
             max_append_size,
             checksum_algorithms: list(header("tus-checksum-algorithm")),
         })
+    }
+
+    /// The IETF draft: OPTIONS with the interop version, then, when the draft is offered, a test
+    /// upload through the proxies, deleted again.
+    async fn ietf(&self) -> IetfInfo {
+        let mut info =
+            IetfInfo { interop_version: INTEROP_VERSION, offered: false, upload_limit: None, creation: None };
+        let options = Ietf.speak(self.plain_request(reqwest::Method::OPTIONS, &self.endpoint));
+        if let Ok(response) = options.timeout(Duration::from_secs(30)).send().await {
+            info.upload_limit =
+                response.headers().get("upload-limit").and_then(|v| v.to_str().ok()).map(str::to_string);
+        }
+        info.offered = info.upload_limit.as_deref().and_then(UploadLimit::parse).is_some();
+        if info.offered {
+            info.creation = Some(self.ietf_creation().await);
+        }
+        info
+    }
+
+    /// `POST` with `Upload-Complete: ?0` and no content: the smallest upload there is. Over
+    /// plain http it is sent on a socket of its own, where the interim responses can be seen.
+    async fn ietf_creation(&self) -> IetfCreation {
+        let mut creation = IetfCreation::default();
+        let plain = url::Url::parse(&self.endpoint).is_ok_and(|u| u.scheme() == "http");
+        let answer = if plain { self.raw_creation().await } else { self.client_creation().await };
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                creation.problem = Some(format!("{e:#}"));
+                return creation;
+            }
+        };
+        let last = &answer.last;
+        creation.status = Some(last.status);
+        creation.location = last.header("location");
+        creation.upload_complete = last.header("upload-complete");
+        if let Some(interim) = &answer.interim {
+            let announced = interim.iter().find(|head| head.status == 104);
+            creation.interim_104 = Some(announced.is_some());
+            creation.interim_location = announced.and_then(|head| head.header("location"));
+        }
+        if !(200..300).contains(&last.status) {
+            let said = crate::cli::upload::retry::message_in(&answer.body, last.is_problem());
+            creation.problem = Some(match (last.status, said) {
+                (401, _) if self.token.is_none() => "it needs an upload token: pass --token or set FERRY_TOKEN".into(),
+                (_, Some(said)) => said,
+                (_, None) => "no reason given".into(),
+            });
+            return creation;
+        }
+        let Some(location) = creation.location.clone() else { return creation };
+        let url = match url::Url::parse(&self.endpoint).and_then(|base| base.join(&location)) {
+            Ok(url) => url,
+            Err(e) => {
+                creation.problem = Some(format!("the Location '{location}' is not a URL: {e}"));
+                return creation;
+            }
+        };
+        let delete = Ietf.terminate(self.plain_request(reqwest::Method::DELETE, url.as_str()));
+        match delete.timeout(Duration::from_secs(30)).send().await {
+            Ok(response) if response.status() == reqwest::StatusCode::NO_CONTENT => creation.deleted = true,
+            Ok(response) => creation.problem = Some(format!("DELETE answered {}", response.status())),
+            Err(e) => creation.problem = Some(format!("DELETE failed: {e}")),
+        }
+        creation
+    }
+
+    /// The test creation written by hand on a connection of its own, reading every response head
+    /// up to the final one (HTTP clients hand over only the final one).
+    async fn raw_creation(&self) -> anyhow::Result<RawAnswer> {
+        let url = url::Url::parse(&self.endpoint)?;
+        let host = match url.host() {
+            Some(url::Host::Ipv6(address)) => address.to_string(),
+            Some(host) => host.to_string(),
+            None => anyhow::bail!("{} has no host", self.endpoint),
+        };
+        let port = url.port_or_known_default().unwrap_or(80);
+        let authority = &url[url::Position::BeforeHost..url::Position::AfterPort];
+        let target = &url[url::Position::BeforePath..url::Position::AfterQuery];
+        let mut head = format!(
+            "POST {target} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: ferry-doctor/{}\r\n\
+             {INTEROP_HEADER}: {INTEROP_VERSION}\r\nUpload-Complete: ?0\r\nContent-Length: 0\r\nConnection: close\r\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        if let Some(token) = &self.token {
+            anyhow::ensure!(token.bytes().all(|b| b.is_ascii_graphic()), "the token is not a valid header value");
+            head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+        }
+        head.push_str("\r\n");
+        self.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let exchange = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .with_context(|| format!("cannot reach {}", self.endpoint))?;
+            stream.write_all(head.as_bytes()).await?;
+            let mut buffer = Vec::new();
+            let mut interim = Vec::new();
+            let mut piece = vec![0u8; 16 * KIB as usize];
+            loop {
+                match next_head(&buffer) {
+                    Some(Ok((head, used))) => {
+                        buffer.drain(..used);
+                        if (100..200).contains(&head.status) {
+                            interim.push(head);
+                            continue;
+                        }
+                        // The body says why a refusal was made; the connection closes after it.
+                        let wanted = head.header("content-length").and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
+                        let wanted = wanted.min(64 * KIB as usize);
+                        while buffer.len() < wanted {
+                            let read = stream.read(&mut piece).await?;
+                            if read == 0 {
+                                break;
+                            }
+                            buffer.extend_from_slice(&piece[..read]);
+                        }
+                        let body = String::from_utf8_lossy(&buffer).into_owned();
+                        return Ok(RawAnswer { interim: Some(interim), last: head, body });
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => {
+                        let read = stream.read(&mut piece).await?;
+                        anyhow::ensure!(read > 0, "the connection closed before the answer was complete");
+                        buffer.extend_from_slice(&piece[..read]);
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), exchange)
+            .await
+            .map_err(|_| anyhow::anyhow!("no answer within 30 s"))?
+    }
+
+    /// The test creation through the HTTP client (https), which hides interim responses.
+    async fn client_creation(&self) -> anyhow::Result<RawAnswer> {
+        let request = Ietf
+            .speak(self.plain_request(reqwest::Method::POST, &self.endpoint))
+            .header("upload-complete", "?0")
+            .header(reqwest::header::CONTENT_LENGTH, 0);
+        let response = request
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.endpoint))?;
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(name, value)| (name.as_str().to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+            .collect();
+        let last = ResponseHead { status: response.status().as_u16(), headers };
+        Ok(RawAnswer { interim: None, last, body: response.text().await.unwrap_or_default() })
     }
 
     /// The median round trip of a few OPTIONS requests.
@@ -961,6 +1263,52 @@ impl Doctor {
     }
 }
 
+/// One response head: the status and the header fields (names in lower case).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ResponseHead {
+    status: u16,
+    headers: Vec<(String, String)>,
+}
+
+impl ResponseHead {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+    }
+
+    fn is_problem(&self) -> bool {
+        self.header("content-type")
+            .is_some_and(|t| t.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/problem+json"))
+    }
+}
+
+/// An exchange: the interim heads when they could be seen, the final head and its body.
+struct RawAnswer {
+    interim: Option<Vec<ResponseHead>>,
+    last: ResponseHead,
+    body: String,
+}
+
+/// The first response head in `buffer` and the bytes it takes; None while it is incomplete.
+fn next_head(buffer: &[u8]) -> Option<anyhow::Result<(ResponseHead, usize)>> {
+    let end = buffer.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let parse = || {
+        let text = std::str::from_utf8(&buffer[..end - 4]).context("a response head that is not text")?;
+        let mut lines = text.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_line
+            .strip_prefix("HTTP/1.")
+            .and_then(|rest| rest.get(2..5))
+            .and_then(|code| code.parse().ok())
+            .with_context(|| format!("not an HTTP/1.x status line: {status_line:?}"))?;
+        let headers = lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_string()))
+            .collect();
+        Ok((ResponseHead { status, headers }, end))
+    };
+    Some(parse())
+}
+
 /// `size` filler bytes as a stream of shared 64 KiB pieces (nothing of the size is allocated).
 fn filler_body(size: u64) -> reqwest::Body {
     let piece = Bytes::from(vec![b'f'; (64 * KIB) as usize]);
@@ -1106,6 +1454,79 @@ mod tests {
                 assert!(lines[i - 1].trim_start().starts_with("# "), "no reason above {setting}");
             }
         }
+    }
+
+    #[test]
+    fn response_heads_are_read_one_by_one() {
+        let exchange = b"HTTP/1.1 104 Upload Resumption Supported\r\nupload-draft-interop-version: 9\r\n\
+            Location: http://a/files/1\r\n\r\nHTTP/1.1 201 Created\r\nlocation: http://a/files/1\r\n\
+            Upload-Complete: ?0\r\n\r\n";
+        let (interim, used) = next_head(exchange).unwrap().unwrap();
+        assert_eq!(interim.status, 104);
+        assert_eq!(interim.header("location").as_deref(), Some("http://a/files/1"), "names in lower case");
+        let (last, _) = next_head(&exchange[used..]).unwrap().unwrap();
+        assert_eq!((last.status, last.header("upload-complete").as_deref()), (201, Some("?0")));
+        assert!(next_head(b"HTTP/1.1 201 Created\r\nlocation: x\r\n").is_none(), "not complete yet");
+        assert!(next_head(b"SSH-2.0-OpenSSH\r\n\r\n").unwrap().is_err());
+    }
+
+    #[test]
+    fn the_ietf_findings_read_well_and_warn_of_a_lost_104() {
+        let mut ietf = IetfInfo {
+            interop_version: 9,
+            offered: true,
+            upload_limit: Some("max-size=1000, max-age=60".into()),
+            creation: Some(IetfCreation {
+                status: Some(201),
+                location: Some("http://a/files/1".into()),
+                upload_complete: Some("?0".into()),
+                interim_104: Some(true),
+                interim_location: Some("http://a/files/1".into()),
+                deleted: true,
+                problem: None,
+            }),
+        };
+        assert_eq!(
+            ietf_lines(&ietf),
+            [
+                "interop 9; Upload-Limit max-size=1000, max-age=60",
+                "test upload: 201, Location, Upload-Complete: ?0, 104 passed, deleted"
+            ]
+        );
+        assert!(ietf_warnings(&ietf).is_empty());
+
+        let creation = ietf.creation.as_mut().unwrap();
+        creation.interim_104 = Some(false);
+        creation.interim_location = None;
+        assert!(ietf_lines(&ietf)[1].contains("104 not passed by the proxies"));
+        let warnings = ietf_warnings(&ietf);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].starts_with("104 not passed by the proxies"));
+
+        // Over https the 104 cannot be seen: said, without a warning.
+        ietf.creation.as_mut().unwrap().interim_104 = None;
+        assert!(ietf_lines(&ietf)[1].contains("104 not checked (https)"));
+        assert!(ietf_warnings(&ietf).is_empty());
+
+        let creation = ietf.creation.as_mut().unwrap();
+        creation.interim_104 = Some(true);
+        creation.interim_location = Some("http://elsewhere/files/1".into());
+        creation.deleted = false;
+        creation.upload_complete = None;
+        let warnings = ietf_warnings(&ietf);
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(warnings.iter().any(|w| w.contains("differs from the final answer's")));
+        assert!(warnings.iter().any(|w| w.contains("could not be deleted")));
+        assert!(warnings.iter().any(|w| w.contains("not Upload-Complete: ?0")));
+
+        ietf.creation =
+            Some(IetfCreation { status: Some(502), problem: Some("bad gateway".into()), ..Default::default() });
+        assert_eq!(ietf_lines(&ietf)[1], "test upload: 502, bad gateway");
+        assert!(ietf_warnings(&ietf)[0].ends_with("through the proxies failed with 502: bad gateway"));
+
+        let not_offered = IetfInfo { interop_version: 9, offered: false, upload_limit: None, creation: None };
+        assert!(ietf_lines(&not_offered)[0].starts_with("not offered"));
+        assert!(ietf_warnings(&not_offered).is_empty());
     }
 
     #[test]

@@ -8,11 +8,11 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use http::{HeaderValue, Method, StatusCode, header};
+use http::{Method, header};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use super::AppState;
+use super::{AppState, error::ApiError};
 
 /// Who is calling, from a verified token.
 #[derive(Debug, Clone)]
@@ -69,12 +69,14 @@ impl TokenVerifier {
     }
 }
 
-fn unauthorized(message: &str) -> Response {
-    let mut response =
-        (StatusCode::UNAUTHORIZED, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{message}\n"))
-            .into_response();
-    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    response
+/// 401, in the request's protocol (a problem document for the IETF draft).
+fn unauthorized(request: &Request, message: &str) -> Response {
+    let error = ApiError::Unauthorized(message.to_string());
+    if request.extensions().get::<super::ietf::Interop>().is_some() {
+        super::ietf::problem_response(error)
+    } else {
+        error.into_response()
+    }
 }
 
 /// The token from `Authorization: Bearer`, or from `?token=` (for plain download links).
@@ -96,14 +98,14 @@ pub async fn require_token(State(state): State<AppState>, mut request: Request, 
         return next.run(request).await;
     }
     let Some(token) = token_of(&request) else {
-        return unauthorized("an upload token is required: send 'Authorization: Bearer <token>'");
+        return unauthorized(&request, "an upload token is required: send 'Authorization: Bearer <token>'");
     };
     match verifier.verify(&token) {
         Ok(caller) => {
             request.extensions_mut().insert(caller);
             next.run(request).await
         }
-        Err(message) => unauthorized(&message),
+        Err(message) => unauthorized(&request, &message),
     }
 }
 

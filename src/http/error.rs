@@ -17,6 +17,8 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     /// Missing or unsupported `Tus-Resumable` (412).
     UnsupportedVersion(String),
+    /// No valid upload token (401).
+    Unauthorized(String),
     /// Range outside the object (416).
     RangeNotSatisfiable(u64),
     Upload(UploadError),
@@ -39,6 +41,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::UnsupportedVersion(_) => StatusCode::PRECONDITION_FAILED,
             Self::RangeNotSatisfiable(_) => StatusCode::RANGE_NOT_SATISFIABLE,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Upload(e) => match e {
                 UploadError::NotFound(_) => StatusCode::NOT_FOUND,
                 UploadError::Gone(_) => StatusCode::GONE,
@@ -66,7 +69,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let message = match &self {
-            Self::BadHeader(m) | Self::UnsupportedMediaType(m) | Self::UnsupportedVersion(m) => m.clone(),
+            Self::BadHeader(m)
+            | Self::UnsupportedMediaType(m)
+            | Self::UnsupportedVersion(m)
+            | Self::Unauthorized(m) => m.clone(),
             Self::RangeNotSatisfiable(size) => format!("the range is outside the {size} bytes of this upload"),
             Self::Upload(UploadError::Internal(e)) => {
                 tracing::error!(error = ?e, "request failed");
@@ -83,6 +89,9 @@ impl IntoResponse for ApiError {
             }
             Self::UnsupportedVersion(_) => {
                 headers.insert("tus-version", HeaderValue::from_static(super::tus::TUS_VERSION));
+            }
+            Self::Unauthorized(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             Self::Upload(UploadError::Unavailable(_)) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));

@@ -152,6 +152,10 @@ impl IntoResponse for Problem {
             ApiError::Upload(UploadError::TooLarge(_)) => (None, "the upload exceeds a limit"),
             ApiError::Upload(UploadError::ChecksumMismatch) => (None, "Content-Digest does not match the content"),
             ApiError::Upload(UploadError::DigestMismatch(_)) => (None, "Repr-Digest does not match the upload"),
+            ApiError::Unauthorized(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                (None, "an upload token is required")
+            }
             ApiError::Upload(UploadError::ShuttingDown | UploadError::Unavailable(_)) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 (None, "try again shortly")
@@ -196,7 +200,10 @@ impl IntoResponse for Problem {
 /// The plain-text message ferry gives for an error (what tus clients read).
 fn error_message(error: &ApiError) -> String {
     match error {
-        ApiError::BadHeader(m) | ApiError::UnsupportedMediaType(m) | ApiError::UnsupportedVersion(m) => m.clone(),
+        ApiError::BadHeader(m)
+        | ApiError::UnsupportedMediaType(m)
+        | ApiError::UnsupportedVersion(m)
+        | ApiError::Unauthorized(m) => m.clone(),
         ApiError::RangeNotSatisfiable(size) => format!("the range is outside the {size} bytes of this upload"),
         ApiError::Upload(e) => e.to_string(),
     }
@@ -347,7 +354,7 @@ pub async fn create(
         Err(e) => return Problem::new(e).with_limit(limit).into_response(),
     };
     let location = tus::upload_url(&state, &request, upload.id);
-    let limit = upload_limit(&state, None, upload.expires_at);
+    let limit = upload_limit(&state, upload.size_limit, upload.expires_at);
     if resumable
         && version == Version::HTTP_11
         && interim_allowed(&state, &request)
@@ -416,7 +423,10 @@ pub async fn offset(state: AppState, upload: UploadRef) -> Response {
         Ok(upload) => upload,
         Err(e) => return Problem::new(e).into_response(),
     };
-    let mut response = StatusCode::NO_CONTENT.into_response();
+    // A body of no known length: axum gives a HEAD's answer the Content-Length its body would
+    // have, and a 204 must have none (RFC 9110).
+    let no_length = futures_util::stream::empty::<Result<bytes::Bytes, std::io::Error>>();
+    let mut response = (StatusCode::NO_CONTENT, Body::from_stream(no_length)).into_response();
     let h = response.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert("upload-offset", HeaderValue::from(upload.offset));
@@ -424,7 +434,7 @@ pub async fn offset(state: AppState, upload: UploadRef) -> Response {
     if let Some(length) = upload.length {
         h.insert("upload-length", HeaderValue::from(length));
     }
-    h.insert("upload-limit", upload_limit(&state, None, upload.expires_at));
+    h.insert("upload-limit", upload_limit(&state, upload.size_limit, upload.expires_at));
     if let Some(sha256) = upload.sha256 {
         h.insert("repr-digest", fields::digest_value("sha-256", &sha256));
     }
@@ -509,7 +519,7 @@ pub async fn append(
             let mut problem = Problem::new(error);
             problem.complete = upload.as_ref().map(is_complete);
             if let ApiError::Upload(UploadError::TooLarge(_)) = problem.error {
-                problem.limit = Some(upload_limit(&state, None, upload.and_then(|u| u.expires_at)));
+                problem.limit = upload.map(|u| upload_limit(&state, u.size_limit, u.expires_at));
             }
             problem.into_response()
         }

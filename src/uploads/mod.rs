@@ -220,6 +220,8 @@ pub struct Upload {
     pub expires_at: Option<i64>,
     /// Where its bytes are kept.
     pub store: StoreUpload,
+    /// Its own size limit, when smaller than `--max-size` (from a token or the pre-create hook).
+    pub size_limit: Option<u64>,
 }
 
 impl From<&NewUpload> for UploadRow {
@@ -262,6 +264,7 @@ impl From<UploadRow> for Upload {
             updated_at: row.updated_at,
             expires_at: row.expires_at,
             store: row.store,
+            size_limit: row.size_limit,
         }
     }
 }

@@ -10,7 +10,7 @@ use reqwest::Method;
 use crate::db_backend_tests;
 use crate::helpers::{Backend, TestApp, header};
 
-const TOKEN_SECRET: &str = "token secret shared with the app";
+pub const TOKEN_SECRET: &str = "token secret shared with the app";
 
 pub fn token(secret: &str, sub: &str, exp_in: i64, max_size: Option<u64>) -> String {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;

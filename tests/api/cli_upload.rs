@@ -30,6 +30,8 @@ db_backend_tests!(
     an_upload_the_server_lost_starts_over,
     lost_answers_and_busy_proxies_are_retried_without_resending,
     the_exit_status_is_zero_only_when_every_file_made_it,
+    with_the_ietf_draft_an_upload_killed_mid_request_resumes_byte_exact,
+    a_conflict_is_resumed_where_the_server_says,
 );
 
 const MIB: usize = 1 << 20;
@@ -68,6 +70,20 @@ impl Workspace {
                 let record: serde_json::Value =
                     serde_json::from_str(&std::fs::read_to_string(e.path()).unwrap()).expect("a JSON state file");
                 record["upload_url"].as_str().expect("upload_url").to_string()
+            })
+            .collect()
+    }
+
+    /// The protocols remembered in the state folder.
+    fn remembered_protocols(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.state_dir()) else { return Vec::new() };
+        entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .map(|e| {
+                let record: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(e.path()).unwrap()).expect("a JSON state file");
+                record["protocol"].as_str().expect("protocol").to_string()
             })
             .collect()
     }
@@ -368,12 +384,15 @@ async fn tokens_are_sent_and_a_bad_one_is_a_clear_failure(backend: Backend) {
     assert_eq!(head.status(), 404, "the upload belongs to the token's subject");
 }
 
-/// A reverse proxy in front of a server that records each request's method, `Content-Length`
-/// and arrival, and passes everything through unchanged (including `Host`, so that `Location`s
-/// point at the proxy), except for the PATCH requests it was told to disturb.
+/// A reverse proxy in front of a server that records each request's method, protocol headers,
+/// `Content-Length` and arrival, and passes everything through unchanged (including `Host`, so
+/// that `Location`s point at the proxy), except for the PATCH requests it was told to disturb,
+/// and, when asked to, the tus headers of OPTIONS answers (a server of the IETF draft only).
 struct Recorder {
     files: String,
     requests: Recorded,
+    /// How many body bytes of each PATCH were passed on so far.
+    forwarded: Arc<Mutex<Vec<u64>>>,
     _server: tokio::task::JoinHandle<()>,
 }
 
@@ -381,6 +400,11 @@ struct Seen {
     method: String,
     length: Option<u64>,
     at: std::time::Instant,
+    /// `Upload-Draft-Interop-Version`, `Tus-Resumable`, `Upload-Complete`, `Content-Type`.
+    interop: Option<String>,
+    tus: Option<String>,
+    complete: Option<String>,
+    content_type: Option<String>,
 }
 
 type Recorded = Arc<Mutex<Vec<Seen>>>;
@@ -393,6 +417,9 @@ enum Fault {
     LoseAnswer,
     /// Answers 503 with `Retry-After: <seconds>` without passing it on (an overloaded proxy).
     Busy(u64),
+    /// Passes it on twice, as a proxy retrying a request it thought lost, and answers with the
+    /// server's answer to the second (a 409: the first one stored the chunk).
+    Twice,
 }
 
 impl Drop for Recorder {
@@ -408,24 +435,46 @@ impl Recorder {
 
     /// `faults`: (index among PATCH requests, from 0, and what happens to it).
     async fn disturbing(upstream: &str, faults: &[(usize, Fault)]) -> Self {
+        Self::with(upstream, faults, false).await
+    }
+
+    /// In front of a server that speaks only the IETF draft: OPTIONS answers lose `Tus-*`.
+    async fn hiding_tus(upstream: &str, faults: &[(usize, Fault)]) -> Self {
+        Self::with(upstream, faults, true).await
+    }
+
+    async fn with(upstream: &str, faults: &[(usize, Fault)], hide_tus: bool) -> Self {
         use axum::{body::Body, extract::Request, response::Response};
+        use futures_util::StreamExt;
         use http_body_util::BodyExt;
         let requests: Recorded = Arc::default();
+        let forwarded: Arc<Mutex<Vec<u64>>> = Arc::default();
         let (log, upstream, client) = (requests.clone(), upstream.to_string(), reqwest::Client::new());
         let faults = Arc::new(faults.to_vec());
+        let counts = forwarded.clone();
         let app = axum::Router::new().fallback(move |request: Request| {
             let (log, upstream, client, faults) = (log.clone(), upstream.clone(), client.clone(), faults.clone());
+            let counts = counts.clone();
             async move {
                 let method = request.method().to_string();
-                let length = request
-                    .headers()
-                    .get("content-length")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<u64>().ok());
+                let seen = {
+                    let headers = request.headers();
+                    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+                    Seen {
+                        method: method.clone(),
+                        length: text("content-length").and_then(|v| v.parse::<u64>().ok()),
+                        at: std::time::Instant::now(),
+                        interop: text("upload-draft-interop-version"),
+                        tus: text("tus-resumable"),
+                        complete: text("upload-complete"),
+                        content_type: text("content-type"),
+                    }
+                };
+                let length = seen.length;
                 let fault = {
                     let mut log = log.lock().unwrap();
                     let patch = log.iter().filter(|seen| seen.method == "PATCH").count();
-                    log.push(Seen { method: method.clone(), length, at: std::time::Instant::now() });
+                    log.push(seen);
                     faults.iter().find(|(i, _)| method == "PATCH" && *i == patch).map(|(_, f)| *f)
                 };
                 let (parts, body) = request.into_parts();
@@ -439,8 +488,25 @@ impl Recorder {
                 }
                 let url = format!("{upstream}{}", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
                 let has_body = length.is_some_and(|l| l > 0) || parts.headers.contains_key("transfer-encoding");
-                let mut forwarded = client.request(parts.method, url).headers(parts.headers);
-                if has_body {
+                let mut forwarded = client.request(parts.method.clone(), &url).headers(parts.headers.clone());
+                if matches!(fault, Some(Fault::Twice)) {
+                    let bytes = body.collect().await.unwrap().to_bytes();
+                    let first = forwarded.body(bytes.clone()).send().await.unwrap();
+                    assert!(first.status().is_success(), "the first of the two went through: {}", first.status());
+                    forwarded = client.request(parts.method, &url).headers(parts.headers).body(bytes);
+                } else if has_body && method == "PATCH" {
+                    let index = {
+                        let mut counts = counts.lock().unwrap();
+                        counts.push(0);
+                        counts.len() - 1
+                    };
+                    let counted = body.into_data_stream().inspect(move |piece| {
+                        if let Ok(piece) = piece {
+                            counts.lock().unwrap()[index] += piece.len() as u64;
+                        }
+                    });
+                    forwarded = forwarded.body(reqwest::Body::wrap_stream(counted));
+                } else if has_body {
                     forwarded = forwarded.body(reqwest::Body::wrap_stream(body.into_data_stream()));
                 }
                 match forwarded.send().await {
@@ -450,8 +516,11 @@ impl Recorder {
                     }
                     Ok(answer) => {
                         let mut response = Response::builder().status(answer.status());
+                        let options = method == "OPTIONS";
                         for (name, value) in answer.headers() {
-                            response = response.header(name, value);
+                            if !(hide_tus && options && name.as_str().starts_with("tus-")) {
+                                response = response.header(name, value);
+                            }
                         }
                         response.body(Body::from_stream(answer.bytes_stream())).unwrap()
                     }
@@ -464,7 +533,18 @@ impl Recorder {
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Recorder { files: format!("http://{addr}/files/"), requests, _server: server }
+        Recorder { files: format!("http://{addr}/files/"), requests, forwarded, _server: server }
+    }
+
+    /// The same URL, straight to the server (so that the test's own checks are not recorded).
+    fn direct(&self, app: &TestApp, url: &str) -> String {
+        url.replace(&self.files, &app.files)
+    }
+
+    /// The PATCH being passed on last, and how many of its bytes were.
+    fn last_forwarded(&self) -> Option<(usize, u64)> {
+        let counts = self.forwarded.lock().unwrap();
+        counts.last().map(|bytes| (counts.len() - 1, *bytes))
     }
 
     fn patches(&self) -> Vec<Option<u64>> {
@@ -474,6 +554,25 @@ impl Recorder {
     /// When each PATCH arrived.
     fn patch_times(&self) -> Vec<std::time::Instant> {
         self.requests.lock().unwrap().iter().filter(|seen| seen.method == "PATCH").map(|seen| seen.at).collect()
+    }
+
+    fn methods(&self) -> Vec<String> {
+        self.requests.lock().unwrap().iter().map(|seen| seen.method.clone()).collect()
+    }
+
+    /// Fails unless every request was one of the IETF draft (interop version 9, no
+    /// `Tus-Resumable`), with its appends typed `application/partial-upload`.
+    fn assert_all_ietf(&self) {
+        let requests = self.requests.lock().unwrap();
+        assert!(!requests.is_empty());
+        for seen in requests.iter() {
+            assert_eq!(seen.interop.as_deref(), Some("9"), "{} without the interop version", seen.method);
+            assert_eq!(seen.tus, None, "{} with Tus-Resumable", seen.method);
+            if seen.method == "PATCH" {
+                assert_eq!(seen.content_type.as_deref(), Some("application/partial-upload"));
+                assert!(matches!(seen.complete.as_deref(), Some("?0" | "?1")), "a PATCH without Upload-Complete");
+            }
+        }
     }
 }
 
@@ -495,7 +594,7 @@ async fn chunks_never_exceed_the_advertised_limit(backend: Backend) {
     assert!(sizes.iter().all(|s| *s <= LIMIT), "a chunk exceeded {LIMIT} bytes: {sizes:?}");
     assert_eq!(sizes.iter().sum::<u64>(), data.len() as u64, "each byte sent once: {sizes:?}");
     assert_eq!(sizes.len() as u64, (data.len() as u64).div_ceil(LIMIT), "chunks as large as allowed: {sizes:?}");
-    let methods: Vec<String> = recorder.requests.lock().unwrap().iter().map(|seen| seen.method.clone()).collect();
+    let methods = recorder.methods();
     assert_eq!(methods.first().map(String::as_str), Some("OPTIONS"), "limits are asked for first: {methods:?}");
 }
 
@@ -705,4 +804,172 @@ async fn extra_headers_get_through_an_authenticating_proxy() {
     let log = nginx.access_log();
     assert!(log.lines().filter(|l| l.contains("\" 401 ")).count() >= 1, "{log}");
     assert!(log.lines().any(|l| l.contains("\"PATCH ") && l.contains("\" 204 ")), "{log}");
+}
+
+/// The IETF draft end to end: a 64 MiB file in 4 MiB appends, the client killed while an append
+/// is half sent, and a rerun that asks the offset and sends only the rest, every request in the
+/// draft's terms. The half-sent append is not kept: its `Content-Digest` vouches for all of it or
+/// nothing (as tus's `Upload-Checksum` does), so the rerun starts where the last whole one ended.
+async fn with_the_ietf_draft_an_upload_killed_mid_request_resumes_byte_exact(backend: Backend) {
+    const CHUNK: u64 = 4 * MIB as u64;
+    let app = TestApp::spawn_with(backend, |args| args.max_append_size = Some(CHUNK)).await;
+    let recorder = Recorder::start(&app.base).await;
+    let work = Workspace::new();
+    let (path, data) = work.file("draft.bin", 64 * MIB, 18);
+
+    let mut run = work.start(&recorder.files, &[&path], &["--protocol", "ietf", "--limit-rate", "4MiB"], &[]);
+    // At 4 MiB/s an append takes a second: kill the client when a quarter to three quarters of
+    // the third (or a later) one has been passed on, so that most of a second of it is unsent.
+    let cut = Mutex::new(None);
+    wait_for("an append to be half sent", Duration::from_secs(60), || async {
+        let passing = recorder.last_forwarded().filter(|(i, n)| *i >= 2 && (CHUNK / 4..=3 * CHUNK / 4).contains(n));
+        *cut.lock().unwrap() = passing.map(|(i, _)| i as u64);
+        passing.is_some()
+    })
+    .await;
+    run.child.kill().await.expect("SIGKILL ferry upload");
+    let cut = cut.into_inner().unwrap().unwrap();
+    let urls = work.remembered_urls();
+    assert_eq!(urls.len(), 1, "the upload's URL was saved before its first append");
+    assert_eq!(work.remembered_protocols(), ["ietf"]);
+    let url = recorder.direct(&app, &urls[0]);
+    // The appends before the cut one were answered, so committed; of the cut one, nothing.
+    assert_eq!(app.offset(&url).await, cut * CHUNK, "append {cut} was cut off and dropped");
+
+    let rerun = work.upload(&recorder.files, &[&path], &["--protocol", "ietf"]).await;
+    rerun.assert_success();
+    assert!(rerun.stderr.contains("resuming at"), "the rerun says it resumes:\n{}", rerun.stderr);
+    assert_eq!(rerun.url_of(&path), urls[0], "the same upload was continued");
+    recorder.assert_all_ietf();
+    assert_uploaded(&app, &url, &data).await;
+    assert_eq!(received_bytes(&app.base).await, data.len() as u64, "no byte the server had committed was sent again");
+    let sizes: Vec<u64> = recorder.patches().into_iter().map(|l| l.expect("a Content-Length")).collect();
+    assert!(sizes.iter().all(|s| *s <= CHUNK), "the server's max-append-size holds for the draft too: {sizes:?}");
+}
+
+/// `--protocol auto` (the default): tus against ferry, the IETF draft against a server that
+/// announces only the draft; there, a file that fits one request goes in its creation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_speaks_tus_where_offered_and_the_draft_elsewhere() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let work = Workspace::new();
+    let (big, big_data) = work.file("big.bin", 3 * MIB + 7, 19);
+    let (small, small_data) = work.file("small.txt", 10_000, 20);
+    let (empty, _) = work.file("empty.dat", 0, 21);
+    let files = [big.as_path(), small.as_path(), empty.as_path()];
+
+    let ferry = Recorder::start(&app.base).await;
+    let run = work.upload(&ferry.files, &[&big], &["--chunk-size", "1MiB", "--max-chunk-size", "1MiB"]).await;
+    run.assert_success();
+    assert_uploaded(&app, &ferry.direct(&app, &run.url_of(&big)), &big_data).await;
+    assert_eq!(work.remembered_protocols(), ["tus"]);
+    {
+        let requests = ferry.requests.lock().unwrap();
+        let mut asked = requests.iter().filter(|seen| seen.method != "OPTIONS");
+        assert!(asked.all(|seen| seen.tus.as_deref() == Some("1.0.0")), "every request after OPTIONS is tus");
+        let patch = requests.iter().find(|seen| seen.method == "PATCH").expect("a PATCH");
+        assert_eq!(patch.content_type.as_deref(), Some("application/offset+octet-stream"));
+    }
+
+    let draft_only = Recorder::hiding_tus(&app.base, &[]).await;
+    let run = work.upload(&draft_only.files, &files, &["--chunk-size", "1MiB", "--max-chunk-size", "1MiB"]).await;
+    run.assert_success();
+    for (path, data) in [(&big, &big_data[..]), (&small, &small_data[..]), (&empty, &[][..])] {
+        assert_uploaded(&app, &draft_only.direct(&app, &run.url_of(path)), data).await;
+    }
+    draft_only.assert_all_ietf();
+    {
+        let requests = draft_only.requests.lock().unwrap();
+        let creations: Vec<(Option<&str>, Option<u64>)> = requests
+            .iter()
+            .filter(|seen| seen.method == "POST")
+            .map(|seen| (seen.complete.as_deref(), seen.length))
+            .collect();
+        assert_eq!(creations.len(), 3, "{creations:?}");
+        assert!(creations.contains(&(Some("?0"), Some(0))), "the big file is created empty: {creations:?}");
+        assert!(creations.contains(&(Some("?1"), Some(10_000))), "the small one in its creation: {creations:?}");
+        assert!(creations.contains(&(Some("?1"), Some(0))), "and the empty one: {creations:?}");
+        let patches: Vec<Option<&str>> =
+            requests.iter().filter(|seen| seen.method == "PATCH").map(|seen| seen.complete.as_deref()).collect();
+        assert_eq!(patches, [Some("?0"), Some("?0"), Some("?0"), Some("?1")], "only the big file is appended to");
+    }
+    assert_eq!(received_bytes(&app.base).await, 2 * big_data.len() as u64 + small_data.len() as u64);
+
+    // A rerun finds them all complete, through the draft's HEAD.
+    let again = work.upload(&draft_only.files, &files, &[]).await;
+    again.assert_success();
+    assert_eq!(again.stderr.matches("already uploaded").count(), 3, "{}", again.stderr);
+    assert_eq!(received_bytes(&app.base).await, 2 * big_data.len() as u64 + small_data.len() as u64);
+}
+
+/// A protocol that is asked for and not offered, or an endpoint offering neither: said plainly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_the_server_does_not_offer_is_a_clear_failure() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let work = Workspace::new();
+    let (path, _) = work.file("unsent.bin", 100, 22);
+    let draft_only = Recorder::hiding_tus(&app.base, &[]).await;
+    let run = work.upload(&draft_only.files, &[&path], &["--protocol", "tus"]).await;
+    assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+    assert!(run.stderr.contains("does not look like a tus endpoint"), "{}", run.stderr);
+    let run = work.upload(&format!("{}/healthz", app.base), &[&path], &[]).await;
+    assert_eq!(run.status.code(), Some(1), "{}", run.stderr);
+    assert!(run.stderr.contains("with neither Tus-Version (tus) nor Upload-Limit (the IETF draft)"), "{}", run.stderr);
+    assert_eq!(app.upload_count().await, 0);
+}
+
+/// An append stored twice, as a proxy that retries would: the second gets a 409. The draft's
+/// 409 names the offset, and the client goes on from there without asking; tus asks with HEAD.
+async fn a_conflict_is_resumed_where_the_server_says(backend: Backend) {
+    const LIMIT: u64 = 256 * 1024;
+    for protocol in ["ietf", "tus"] {
+        let app = TestApp::spawn_with(backend, |args| args.max_append_size = Some(LIMIT)).await;
+        let recorder = Recorder::disturbing(&app.base, &[(1, Fault::Twice)]).await;
+        let work = Workspace::new();
+        let (path, data) = work.file("twice.bin", MIB + 3, 23);
+        let run = work.upload(&recorder.files, &[&path], &["--protocol", protocol]).await;
+        run.assert_success();
+        assert_uploaded(&app, &recorder.direct(&app, &run.url_of(&path)), &data).await;
+        assert!(run.stderr.contains("answered 409 Conflict"), "{protocol}: {}", run.stderr);
+        assert_eq!(received_bytes(&app.base).await, data.len() as u64, "{protocol}: the chunk was stored once");
+        let methods = recorder.methods();
+        let last_patch = methods.iter().rposition(|m| m == "PATCH").unwrap();
+        let heads_between = methods[..last_patch].iter().filter(|m| *m == "HEAD").count();
+        if protocol == "ietf" {
+            assert!(run.stderr.contains("continuing at 512 KiB"), "{}", run.stderr);
+            assert_eq!(heads_between, 0, "the 409 said where to go on: {methods:?}");
+            recorder.assert_all_ietf();
+        } else {
+            assert!(run.stderr.contains("asking the server where to continue"), "{}", run.stderr);
+            assert_eq!(heads_between, 1, "tus asks: {methods:?}");
+        }
+    }
+}
+
+/// nginx at its defaults (`client_max_body_size 1m`) and the IETF draft: a 3 MiB file fits the
+/// first chunk, so it goes in its creation, which nginx refuses; the client creates the upload
+/// empty instead and halves its appends until they get through, as it does for tus.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_file_creation_a_proxy_refuses_is_sent_in_appends() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let nginx = Nginx::proxy(&app.addr.to_string());
+    let files = format!("{}/files/", nginx.url);
+    let work = Workspace::new();
+    let (path, data) = work.file("one-request.bin", 3 * MIB, 24);
+    let run = work.upload(&files, &[&path], &["--protocol", "ietf", "--chunk-size", "8MiB"]).await;
+    run.assert_success();
+    for (from, to) in [("3 MiB", "1.50 MiB"), ("1.50 MiB", "768 KiB")] {
+        let note = format!("nginx refused a {from} chunk (413); continuing with {to} chunks");
+        assert!(run.stderr.contains(&note), "the client says it adapts ({note}):\n{}", run.stderr);
+    }
+    let url = run.url_of(&path);
+    assert_uploaded(&app, &url.replace(&nginx.url, &app.base), &data).await;
+    let log = nginx.access_log();
+    let posts: Vec<&str> = log.lines().filter(|l| l.contains("\"POST ")).collect();
+    assert_eq!(posts.len(), 2, "{log}");
+    assert!(
+        posts[0].contains("\" 413 ") && posts[1].contains("\" 201 "),
+        "the whole file, then an empty creation:\n{log}"
+    );
+    assert_eq!(received_bytes(&app.base).await, data.len() as u64);
 }

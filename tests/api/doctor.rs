@@ -1,6 +1,7 @@
 //! `ferry doctor` and the probe endpoint it measures with: the probe's own limits, the doctor
 //! against ferry directly, and through two real nginx at their defaults, whose advice, applied
-//! to both, lets a plain single-request upload of a 256 MiB file through.
+//! to both, lets a plain single-request upload of a 256 MiB file through. On both ways the
+//! doctor tells the protocols spoken, and whether the IETF draft's `104` gets through.
 
 use std::{sync::Arc, time::Duration};
 
@@ -231,10 +232,30 @@ async fn the_doctor_finds_nothing_in_the_way_of_ferry_itself() {
     assert!((MIB..=64 * MIB).contains(&chunk), "{chunk}");
     assert_eq!(report["recommendation"]["max_append_size"], chunk);
     assert_eq!(report["warnings"], serde_json::json!([]), "{report:#}");
+    // The IETF draft: offered, and its test upload created with the 104 in front, then deleted.
+    let ietf = &report["ietf"];
+    assert_eq!((ietf["offered"].clone(), ietf["interop_version"].clone()), (true.into(), 9.into()), "{ietf:#}");
+    assert!(ietf["upload_limit"].as_str().unwrap().starts_with("max-size=107374182400"), "{ietf:#}");
+    let creation = &ietf["creation"];
+    assert_eq!(creation["status"], 201, "{ietf:#}");
+    assert_eq!(creation["upload_complete"], "?0");
+    assert_eq!(creation["interim_104"], true, "ferry sends 104 to a request naming interop 9");
+    let probe_upload = creation["location"].as_str().unwrap().to_string();
+    assert!(probe_upload.starts_with(&app.files), "{probe_upload}");
+    assert_eq!(creation["interim_location"], creation["location"], "the 104 and the 201 name the same upload");
+    assert_eq!(creation["deleted"], true, "{ietf:#}");
+    let head = app.tus(Method::HEAD, &probe_upload).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(head.status(), 410, "the test upload is gone");
 
     // The report for people says the same, and the settings come with their reasons.
     let run = doctor(&app.files, &["--token", &token], &[]).await;
     assert!(run.success, "{}", run.stderr);
+    assert!(run.stdout.contains("  protocols     tus 1.0.0 and the IETF draft (interop 9)\n"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("test upload: 201, Location, Upload-Complete: ?0, 104 passed, deleted\n"),
+        "{}",
+        run.stdout
+    );
     assert!(run.stdout.contains("no proxy limit below 64 MiB"), "{}", run.stdout);
     assert!(run.stdout.contains("buffering     streaming"), "{}", run.stdout);
     assert!(run.stdout.contains("    client_max_body_size 100g;\n"), "{}", run.stdout);
@@ -245,7 +266,11 @@ async fn the_doctor_finds_nothing_in_the_way_of_ferry_itself() {
     assert_eq!(report["ok"], false);
     assert!(report["probe"]["problem"].as_str().unwrap().contains("--token"), "{report:#}");
     assert_eq!(report["limit"], Value::Null);
-    assert_eq!(app.upload_count().await, 0, "the doctor creates no upload");
+    let creation = &report["ietf"]["creation"];
+    assert_eq!(creation["status"], 401, "{report:#}");
+    assert!(creation["problem"].as_str().unwrap().contains("--token"), "{report:#}");
+    // Each run with the token made one test upload (and deleted it); the probe made none.
+    assert_eq!(app.upload_count().await, 2, "the doctor creates nothing but its test uploads");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,6 +360,13 @@ async fn the_doctor_measures_the_default_chain_and_its_advice_lets_whole_files_t
     assert!(refused > MIB && refused as f64 <= passing as f64 * 1.02, "smallest refused body {refused}");
     assert!(limit["refused_by"].as_str().unwrap().contains("413 from a proxy (nginx"), "{limit}");
     assert_eq!(report["buffering"]["verdict"], "buffered", "{report:#}");
+    // The IETF draft's creation gets through nginx, its 104 does not.
+    let creation = &report["ietf"]["creation"];
+    assert_eq!((creation["status"].clone(), creation["deleted"].clone()), (201.into(), true.into()), "{report:#}");
+    assert!(creation["location"].as_str().unwrap().starts_with(&files), "{report:#}");
+    assert_eq!(creation["interim_104"], false, "{report:#}");
+    let warnings = report["warnings"].as_array().unwrap();
+    assert!(warnings.iter().any(|w| w.as_str().unwrap().starts_with("104 not passed by the proxies")), "{report:#}");
     let chunk = report["recommendation"]["chunk_size"].as_u64().unwrap();
     assert!(chunk < passing && chunk as f64 >= MIB as f64 * 0.9, "chunk {chunk}");
     eprintln!(

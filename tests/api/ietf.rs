@@ -28,6 +28,7 @@ db_backend_tests!(
     no_104_through_proxies_unless_asked,
     tus_and_ietf_uploads_at_once,
     a_newer_append_ends_the_older_one,
+    tokens_guard_draft_uploads_as_tus_ones,
 );
 
 const MIB: usize = 1 << 20;
@@ -120,6 +121,7 @@ async fn creation_then_appends_until_complete(backend: Backend) {
     assert_eq!(header(&head, "upload-complete"), "?0");
     assert_eq!(header(&head, "upload-length"), data.len().to_string());
     assert_eq!(header(&head, "cache-control"), "no-store");
+    assert!(head.headers().get("content-length").is_none(), "a 204 has no Content-Length");
     assert!(header(&head, "upload-limit").contains("max-size="));
     assert!(head.headers().get("repr-digest").is_none(), "no digest before the upload is complete");
     // GET with the draft's field is offset retrieval too, not a download.
@@ -674,4 +676,33 @@ mod s3 {
     async fn tus_and_ietf_uploads_at_once() {
         super::tus_and_ietf_uploads_at_once(Backend::S3).await
     }
+}
+
+/// Upload tokens guard the draft's requests as they guard tus's: no token is a 401 problem, and
+/// another subject's upload does not exist for the caller.
+async fn tokens_guard_draft_uploads_as_tus_ones(backend: Backend) {
+    use crate::access::{TOKEN_SECRET, token};
+    let app = TestApp::spawn_with(backend, |args| args.token_secret = Some(TOKEN_SECRET.into())).await;
+    let refused = send(ietf(&app, Method::POST, &app.files).header("Upload-Complete", "?1").body("x")).await;
+    assert_eq!(header(&refused, "www-authenticate"), "Bearer");
+    problem(refused, 401).await;
+
+    let alice = token(TOKEN_SECRET, "alice", 600, Some(1000));
+    let bob = token(TOKEN_SECRET, "bob", 600, None);
+    let created = send(
+        ietf(&app, Method::POST, &app.files).bearer_auth(&alice).header("Upload-Complete", "?0").body(vec![1u8; 10]),
+    )
+    .await;
+    assert_eq!(created.status(), 201);
+    let url = header(&created, "location");
+    assert!(header(&created, "upload-limit").contains("max-size=1000"), "the token's limit is the upload's");
+    assert_eq!(send(ietf(&app, Method::HEAD, &url).bearer_auth(&bob)).await.status(), 404);
+    problem(send(append(&app, &url, 10, true, vec![2; 5]).bearer_auth(&bob)).await, 404).await;
+    let too_long =
+        send(append(&app, &url, 10, false, vec![2; 5]).bearer_auth(&alice).header("Upload-Length", "1001")).await;
+    problem(too_long, 413).await;
+    assert_eq!(send(append(&app, &url, 10, true, vec![2; 5]).bearer_auth(&alice)).await.status(), 200);
+    // The tus side sees the same upload for the same caller.
+    let tus = send(app.tus(Method::HEAD, &url).bearer_auth(&alice)).await;
+    assert_eq!(header(&tus, "upload-offset"), "15");
 }

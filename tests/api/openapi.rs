@@ -1,7 +1,10 @@
 //! `openapi/openapi.yaml` against the running server. A scenario of real requests walks every
-//! documented operation through its success and error paths; each exchange must be documented
-//! (path, method, status, the tus request and response headers, media type), and every documented
-//! operation must have been exercised, so the document can neither miss nor invent behaviour.
+//! documented operation through its success and error paths, in tus and in the IETF draft;
+//! each exchange must be documented (path, method, status, the protocol's request and response
+//! headers, media type, the problem body's members), and every documented operation must have
+//! been exercised (those tagged `ietf` in the draft's terms too), so the document can neither
+//! miss nor invent behaviour. Headers and parameters marked `x-protocol` belong to one protocol:
+//! they must not show up in the other's exchanges, and `required` holds in their own.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -18,6 +21,8 @@ const METHODS: &[&str] = &["get", "put", "post", "delete", "options", "head", "p
 
 /// Statuses the scenario must have seen, so that it cannot silently stop covering error paths.
 const REQUIRED_STATUSES: &[u16] = &[200, 201, 204, 206, 304, 400, 403, 404, 409, 410, 412, 413, 415, 416, 460];
+/// The same for the IETF draft's requests.
+const REQUIRED_IETF_STATUSES: &[u16] = &[200, 201, 204, 400, 404, 409, 410, 413, 415];
 
 /// Response headers that belong to the API contract and must be documented when sent.
 fn contract_response_header(name: &str) -> bool {
@@ -33,7 +38,34 @@ fn contract_response_header(name: &str) -> bool {
 fn contract_request_header(name: &str) -> bool {
     name.starts_with("tus-")
         || name.starts_with("upload-")
-        || matches!(name, "x-http-method-override" | "range" | "if-range" | "if-none-match" | "trailer")
+        || matches!(
+            name,
+            "x-http-method-override"
+                | "range"
+                | "if-range"
+                | "if-none-match"
+                | "trailer"
+                | "content-digest"
+                | "content-disposition"
+        )
+}
+
+/// The protocol of a request, by the server's rule: without `Tus-Resumable`, the IETF draft's
+/// fields make it the draft's; anything else is tus.
+fn protocol_of(method: &str, headers: &reqwest::header::HeaderMap) -> &'static str {
+    let partial = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("application/partial-upload"));
+    let draft = headers.contains_key("upload-complete")
+        || headers.contains_key("upload-draft-interop-version")
+        || (method == "patch" && partial);
+    if !headers.contains_key("tus-resumable") && draft { "ietf" } else { "tus" }
+}
+
+/// The protocol a header or parameter is marked for, if one.
+fn marked(object: &Value) -> Option<&str> {
+    object.get("x-protocol").and_then(Value::as_str)
 }
 
 /// The parsed document, with `$ref` resolution.
@@ -77,6 +109,17 @@ impl Spec {
             }
         }
         operations
+    }
+
+    /// The operations tagged `ietf`, which the draft's requests must exercise too.
+    fn ietf_operations(&self) -> BTreeSet<(String, String)> {
+        self.operations()
+            .into_iter()
+            .filter(|(template, method)| {
+                let tags = self.operation(template, method).and_then(|o| o.get("tags")).and_then(Value::as_array);
+                tags.is_some_and(|tags| tags.iter().any(|t| t == "ietf"))
+            })
+            .collect()
     }
 
     /// The documented path template a concrete path falls under (literal paths win).
@@ -134,6 +177,30 @@ impl Spec {
             .collect()
     }
 
+    /// Checks a JSON object against the simple schema features the document uses (required
+    /// members, the types of the members described); the failures, one sentence each.
+    fn check_object(&self, schema: &Value, value: &Value) -> Vec<String> {
+        let Some(object) = value.as_object() else { return vec![format!("{value} is not an object")] };
+        let mut failures = Vec::new();
+        for name in schema.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+            if !object.contains_key(name) {
+                failures.push(format!("the required member {name} is missing"));
+            }
+        }
+        for (name, member) in object {
+            let Some(described) = schema.get("properties").and_then(|p| p.get(name)) else { continue };
+            let fits = match self.resolve(described).get("type").and_then(Value::as_str) {
+                Some("string") => member.is_string(),
+                Some("integer") => member.is_i64() || member.is_u64(),
+                _ => true,
+            };
+            if !fits {
+                failures.push(format!("the member {name} is {member}, not of the documented type"));
+            }
+        }
+        failures
+    }
+
     /// Checks a header value against the simple schema features the document uses.
     fn check_value(&self, schema: &Value, value: &str) -> Result<(), String> {
         let schema = self.resolve(schema);
@@ -141,6 +208,11 @@ impl Spec {
             && value != expected
         {
             return Err(format!("'{value}' is not the documented constant '{expected}'"));
+        }
+        if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+            && !allowed.iter().any(|a| a.as_str().map_or_else(|| a.to_string(), str::to_string) == value)
+        {
+            return Err(format!("'{value}' is not one of the documented values {allowed:?}"));
         }
         if schema.get("type").and_then(Value::as_str) == Some("integer") {
             let number: u64 = value.parse().map_err(|_| format!("'{value}' is not a non-negative integer"))?;
@@ -158,14 +230,28 @@ impl Spec {
 struct Checker {
     spec: Spec,
     exercised: BTreeSet<(String, String)>,
+    /// The operations exercised in the IETF draft's terms.
+    exercised_ietf: BTreeSet<(String, String)>,
     statuses: BTreeSet<u16>,
+    ietf_statuses: BTreeSet<u16>,
+    /// Problem answers whose body has not been checked against the `Problem` schema yet.
+    unread_problems: Vec<String>,
     problems: Vec<String>,
     exchanges: usize,
 }
 
 impl Checker {
     fn new(spec: Spec) -> Self {
-        Self { spec, exercised: BTreeSet::new(), statuses: BTreeSet::new(), problems: Vec::new(), exchanges: 0 }
+        Self {
+            spec,
+            exercised: BTreeSet::new(),
+            exercised_ietf: BTreeSet::new(),
+            statuses: BTreeSet::new(),
+            ietf_statuses: BTreeSet::new(),
+            unread_problems: Vec::new(),
+            problems: Vec::new(),
+            exchanges: 0,
+        }
     }
 
     /// Sends a request, asserts the status the scenario expects, and checks the exchange
@@ -179,48 +265,104 @@ impl Checker {
             None => request.method().as_str().to_ascii_lowercase(),
         };
         let path = request.url().path().to_string();
-        let label = format!("{} {path}", method.to_ascii_uppercase());
+        let protocol = protocol_of(&method, request.headers());
+        let label = format!("{} {path} ({protocol})", method.to_ascii_uppercase());
         let request_headers: Vec<String> = request.headers().keys().map(|k| k.as_str().to_string()).collect();
         let response = client.execute(request).await.unwrap_or_else(|e| panic!("{label}: {e}"));
         let status = response.status().as_u16();
         assert_eq!(status, expected, "{label}: unexpected status; headers {:?}", response.headers());
         self.exchanges += 1;
         self.statuses.insert(status);
-        self.check(&label, &path, &method, &request_headers, &response);
+        if protocol == "ietf" {
+            self.ietf_statuses.insert(status);
+        }
+        self.check(&label, &path, &method, protocol, &request_headers, &response);
+        // A HEAD's problem has no body to read.
+        if is_problem(&response) && method != "head" {
+            self.unread_problems.push(label);
+        }
         response
     }
 
-    fn problem(&mut self, message: String) {
+    /// Like [`Checker::send`], for an answer that must be an RFC 9457 problem: its body is
+    /// checked against the documented schema, and returned with the answer's headers.
+    async fn problem(&mut self, request: RequestBuilder, expected: u16) -> (reqwest::header::HeaderMap, Value) {
+        let (client, built) = request.build_split();
+        let built = built.expect("request builds");
+        let path = built.url().path().to_string();
+        let method = built.method().as_str().to_ascii_lowercase();
+        let response = self.send(reqwest::RequestBuilder::from_parts(client, built), expected).await;
+        assert!(is_problem(&response), "{method} {path}: not a problem answer: {:?}", response.headers());
+        let label = self.unread_problems.pop().expect("send() keeps the label of a problem answer");
+        let headers = response.headers().clone();
+        let text = response.text().await.unwrap();
+        let body: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{label}: not JSON ({e}): {text}"));
+        let template = self.spec.template_for(&path).expect("a documented path");
+        let schema = self
+            .spec
+            .response(&template, &method, expected)
+            .and_then(|r| r.pointer("/content/application~1problem+json/schema"))
+            .map(|schema| self.spec.resolve(schema).clone());
+        match schema {
+            None => self.problem_found(format!("{label}: no problem schema documented for {expected}")),
+            Some(schema) => {
+                for failure in self.spec.check_object(&schema, &body) {
+                    self.problem_found(format!("{label}: problem body: {failure}"));
+                }
+            }
+        }
+        if body["status"] != expected {
+            self.problem_found(format!("{label}: the problem's status is {} on a {expected}", body["status"]));
+        }
+        (headers, body)
+    }
+
+    fn problem_found(&mut self, message: String) {
         self.problems.push(message);
     }
 
-    fn check(&mut self, label: &str, path: &str, method: &str, request_headers: &[String], response: &Response) {
+    fn check(
+        &mut self,
+        label: &str,
+        path: &str,
+        method: &str,
+        protocol: &str,
+        request_headers: &[String],
+        response: &Response,
+    ) {
         let status = response.status().as_u16();
         let Some(template) = self.spec.template_for(path) else {
-            return self.problem(format!("{label}: the path is not documented"));
+            return self.problem_found(format!("{label}: the path is not documented"));
         };
         if self.spec.operation(&template, method).is_none() {
-            return self.problem(format!("{label}: {method} is not documented for {template}"));
+            return self.problem_found(format!("{label}: {method} is not documented for {template}"));
         }
         self.exercised.insert((template.clone(), method.to_string()));
+        if protocol == "ietf" {
+            self.exercised_ietf.insert((template.clone(), method.to_string()));
+        }
 
         let mut problems = Vec::new();
-        let parameters: BTreeSet<String> = self
+        let parameters: BTreeMap<String, &Value> = self
             .spec
             .parameters(&template, method)
             .into_iter()
             .filter(|p| p["in"] == "header")
-            .filter_map(|p| p["name"].as_str())
-            .map(str::to_ascii_lowercase)
+            .filter_map(|p| Some((p["name"].as_str()?.to_ascii_lowercase(), p)))
             .collect();
         for name in request_headers.iter().filter(|n| contract_request_header(n)) {
-            if !parameters.contains(name) {
-                problems.push(format!("{label}: request header {name} is not a documented parameter"));
+            match parameters.get(name) {
+                None => problems.push(format!("{label}: request header {name} is not a documented parameter")),
+                Some(parameter) => {
+                    if let Some(other) = marked(parameter).filter(|p| *p != protocol) {
+                        problems.push(format!("{label}: request header {name} is documented for {other} only"));
+                    }
+                }
             }
         }
 
         let Some(documented) = self.spec.response(&template, method, status) else {
-            self.problem(format!("{label}: status {status} is not documented for {method} {template}"));
+            self.problem_found(format!("{label}: status {status} is not documented for {method} {template}"));
             self.problems.extend(problems);
             return;
         };
@@ -234,6 +376,9 @@ impl Checker {
             match headers.get(name) {
                 None => problems.push(format!("{label} -> {status}: header {name} is not documented")),
                 Some(header) => {
+                    if let Some(other) = marked(header).filter(|p| *p != protocol) {
+                        problems.push(format!("{label} -> {status}: header {name} is documented for {other} only"));
+                    }
                     if let Some(schema) = header.get("schema")
                         && let Err(e) = self.spec.check_value(schema, value)
                     {
@@ -243,7 +388,8 @@ impl Checker {
             }
         }
         for (name, header) in &headers {
-            if header["required"] == true && !response.headers().contains_key(name.as_str()) {
+            let ours = marked(header).is_none_or(|p| p == protocol);
+            if header["required"] == true && ours && !response.headers().contains_key(name.as_str()) {
                 problems.push(format!("{label} -> {status}: required header {name} is missing"));
             }
         }
@@ -371,7 +517,14 @@ fn has(response: &Response, name: &str) -> bool {
     response.headers().contains_key(name)
 }
 
+fn is_problem(response: &Response) -> bool {
+    let content_type = response.headers().get("content-type").and_then(|v| v.to_str().ok());
+    content_type.is_some_and(|t| t.starts_with("application/problem+json"))
+}
+
 const OCTETS: &str = "application/offset+octet-stream";
+const PARTIAL: &str = "application/partial-upload";
+const PROBLEM_TYPES: &str = "https://iana.org/assignments/http-problem-types#";
 
 async fn document_matches_server(backend: Backend) {
     let spec = Spec::load();
@@ -618,6 +771,112 @@ async fn document_matches_server(backend: Backend) {
     let spent = c.send(limited.client.post(&limited_probe).body(vec![0u8; 64]), 429).await;
     assert_eq!(header(&spent, "ferry-probe"), "budget");
 
+    // The IETF draft on the same paths. Capabilities, with the draft's limits.
+    let draft = |method: Method, url: &str| app.client.request(method, url).header("Upload-Draft-Interop-Version", "9");
+    let options = c.send(draft(Method::OPTIONS, &files), 204).await;
+    let limit = header(&options, "upload-limit");
+    assert!(limit.starts_with("max-size=") && limit.contains("max-age="), "Upload-Limit {limit}");
+    assert!(!has(&options, "tus-resumable"));
+    c.send(draft(Method::OPTIONS, &unknown), 204).await;
+
+    // Creation refused.
+    let inconsistent = draft(Method::POST, &files).header("Upload-Complete", "?1").header("Upload-Length", "3");
+    let (headers, problem) = c.problem(inconsistent.body("hello"), 400).await;
+    assert_eq!(problem["type"], format!("{PROBLEM_TYPES}inconsistent-upload-length"));
+    assert_eq!(headers["upload-complete"], "?0");
+    let huge = draft(Method::POST, &files).header("Upload-Complete", "?0").header("Upload-Length", "999999999999999");
+    let (headers, _) = c.problem(huge, 413).await;
+    assert!(headers.contains_key("upload-limit"), "a 413 says the limits");
+
+    // An empty creation with a length, then appends.
+    let created = draft(Method::POST, &files).header("Upload-Complete", "?0").header("Upload-Length", "11");
+    let created = c.send(created, 201).await;
+    assert_eq!(header(&created, "upload-complete"), "?0");
+    assert_eq!(header(&created, "upload-offset"), "0");
+    assert!(has(&created, "upload-limit") && !has(&created, "tus-resumable"));
+    let draft_url = header(&created, "location");
+    assert!(draft_url.starts_with(&files) && is_upload_id(&draft_url[files.len()..]), "Location {draft_url}");
+    let status = c.send(draft(Method::HEAD, &draft_url), 204).await;
+    assert_eq!(header(&status, "upload-offset"), "0");
+    assert_eq!(header(&status, "upload-length"), "11");
+    assert_eq!(header(&status, "cache-control"), "no-store");
+    let by_get = c.send(draft(Method::GET, &draft_url), 204).await;
+    assert_eq!(header(&by_get, "upload-complete"), "?0");
+
+    let append = |offset: &str, complete: &str| {
+        draft(Method::PATCH, &draft_url)
+            .header("Content-Type", PARTIAL)
+            .header("Upload-Offset", offset)
+            .header("Upload-Complete", complete)
+    };
+    let (headers, conflict) = c.problem(append("3", "?0").body("lo "), 409).await;
+    assert_eq!(conflict["type"], format!("{PROBLEM_TYPES}mismatching-upload-offset"));
+    assert_eq!((conflict["expected-offset"].as_u64(), conflict["provided-offset"].as_u64()), (Some(0), Some(3)));
+    assert_eq!(headers["upload-offset"], "0");
+    assert_eq!(headers["upload-complete"], "?0");
+    let typed_for_tus = draft(Method::PATCH, &draft_url)
+        .header("Content-Type", OCTETS)
+        .header("Upload-Offset", "0")
+        .header("Upload-Complete", "?0");
+    c.problem(typed_for_tus.body("hello "), 415).await;
+    let unsaid = draft(Method::PATCH, &draft_url).header("Content-Type", PARTIAL).header("Upload-Offset", "0");
+    c.problem(unsaid.body("hello "), 400).await;
+    let damaged = append("0", "?0").header("Content-Digest", format!("sha-256=:{}:", sha256_b64(b"HELLO ")));
+    c.problem(damaged.body("hello "), 400).await;
+    let (_, short) = c.problem(append("0", "?1").body("hello"), 400).await;
+    assert_eq!(short["type"], format!("{PROBLEM_TYPES}inconsistent-upload-length"));
+    assert_eq!(app.offset(&draft_url).await, 0, "refused appends store nothing");
+
+    let vouched = append("0", "?0").header("Content-Digest", format!("sha-256=:{}:", sha256_b64(b"hello ")));
+    let first = c.send(vouched.body("hello "), 204).await;
+    assert_eq!((header(&first, "upload-offset"), header(&first, "upload-complete")), ("6".into(), "?0".into()));
+    let last = c.send(append("6", "?1").body("world"), 200).await;
+    assert_eq!(header(&last, "upload-complete"), "?1");
+    assert_eq!(header(&last, "repr-digest"), digest);
+    let (headers, completed) = c.problem(append("11", "?1").body(""), 400).await;
+    assert_eq!(completed["type"], format!("{PROBLEM_TYPES}completed-upload"));
+    assert_eq!(headers["upload-complete"], "?1");
+    let status = c.send(draft(Method::HEAD, &draft_url), 204).await;
+    assert_eq!((header(&status, "upload-complete"), header(&status, "repr-digest")), ("?1".into(), digest.clone()));
+
+    // The whole upload in its creation, named the draft's way.
+    let whole = draft(Method::POST, &files)
+        .header("Upload-Complete", "?1")
+        .header("Content-Type", "text/plain")
+        .header("Content-Disposition", "inline; filename=\"note.txt\"");
+    let whole = c.send(whole.body("hello world"), 201).await;
+    assert_eq!((header(&whole, "upload-complete"), header(&whole, "upload-offset")), ("?1".into(), "11".into()));
+    assert_eq!(header(&whole, "repr-digest"), digest);
+    let note = c.send(app.client.get(header(&whole, "location")), 200).await;
+    assert!(header(&note, "content-disposition").contains("filename=\"note.txt\""));
+    assert_eq!(header(&note, "content-type"), "text/plain");
+
+    // Interop version 5 (tus-js-client's ietf-draft-03): untyped appends, 201 until complete.
+    let early = |method: Method, url: &str| app.client.request(method, url).header("Upload-Draft-Interop-Version", "5");
+    let created =
+        c.send(early(Method::POST, &files).header("Upload-Complete", "?0").header("Upload-Length", "4"), 201).await;
+    let early_url = header(&created, "location");
+    let part = c.send(early(Method::PATCH, &early_url).header("Upload-Offset", "0").body("ab"), 201).await;
+    assert_eq!((header(&part, "upload-offset"), header(&part, "upload-complete")), ("2".into(), "?0".into()));
+    let rest = early(Method::PATCH, &early_url).header("Upload-Offset", "2").header("Upload-Complete", "?1");
+    c.send(rest.body("cd"), 200).await;
+
+    // Cancellation, and what is left of it.
+    let doomed = c.send(draft(Method::POST, &files).header("Upload-Complete", "?0"), 201).await;
+    let doomed = header(&doomed, "location");
+    c.send(draft(Method::DELETE, &doomed), 204).await;
+    c.send(draft(Method::HEAD, &doomed), 410).await;
+    c.problem(draft(Method::GET, &doomed), 410).await;
+    let late = draft(Method::PATCH, &doomed).header("Content-Type", PARTIAL).header("Upload-Offset", "0");
+    c.problem(late.header("Upload-Complete", "?0").body("x"), 410).await;
+    c.problem(draft(Method::DELETE, &doomed), 410).await;
+    c.send(draft(Method::HEAD, &unknown), 404).await;
+    c.problem(draft(Method::GET, &unknown), 404).await;
+    let stray = draft(Method::PATCH, &unknown).header("Content-Type", PARTIAL).header("Upload-Offset", "0");
+    c.problem(stray.header("Upload-Complete", "?0").body("x"), 404).await;
+    c.problem(draft(Method::DELETE, &unknown), 404).await;
+    c.problem(draft(Method::GET, &malformed), 404).await;
+
     // A CORS preflight, answered before the tus handlers.
     let browser = TestApp::spawn_with(backend, |args| args.cors_origin = vec!["https://app.example".into()]).await;
     let preflight = browser
@@ -628,7 +887,7 @@ async fn document_matches_server(backend: Backend) {
     let preflight = c.send(preflight, 200).await;
     assert_eq!(header(&preflight, "access-control-allow-origin"), "https://app.example");
 
-    let Checker { spec, exercised, statuses, problems, exchanges } = c;
+    let Checker { spec, exercised, exercised_ietf, statuses, ietf_statuses, unread_problems, problems, exchanges } = c;
     assert!(
         problems.is_empty(),
         "{} of {exchanges} exchanges disagree with the document:\n{}",
@@ -637,8 +896,13 @@ async fn document_matches_server(backend: Backend) {
     );
     let missing: Vec<_> = spec.operations().difference(&exercised).cloned().collect();
     assert!(missing.is_empty(), "documented operations the scenario never exercised: {missing:?}");
+    let missing: Vec<_> = spec.ietf_operations().difference(&exercised_ietf).cloned().collect();
+    assert!(missing.is_empty(), "operations tagged ietf the draft's requests never exercised: {missing:?}");
     let unseen: Vec<_> = REQUIRED_STATUSES.iter().filter(|s| !statuses.contains(s)).collect();
     assert!(unseen.is_empty(), "statuses the scenario never produced: {unseen:?}");
+    let unseen: Vec<_> = REQUIRED_IETF_STATUSES.iter().filter(|s| !ietf_statuses.contains(s)).collect();
+    assert!(unseen.is_empty(), "statuses the draft's requests never produced: {unseen:?}");
+    assert!(unread_problems.is_empty(), "problem bodies never checked against the schema: {unread_problems:?}");
 }
 
 crate::backend_tests!(document_matches_server);

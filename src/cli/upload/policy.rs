@@ -114,16 +114,45 @@ pub fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(delay.min(MAX_RETRY_AFTER))
 }
 
-/// `max-append-size` from `Upload-Limit` (a dictionary such as `max-size=1000, max-append-size=10`).
-pub fn max_append_size(value: &str) -> Option<u64> {
-    value.split([',', ';']).find_map(|item| {
-        let (key, number) = item.split_once('=')?;
-        if key.trim().eq_ignore_ascii_case("max-append-size") {
-            number.trim().parse().ok().filter(|n| *n > 0)
-        } else {
-            None
+/// `Upload-Limit` (a Structured Fields dictionary such as `max-size=1000, max-append-size=10`):
+/// the limits a server of either protocol announces. ferry sends it to tus clients too, with
+/// `max-append-size` alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UploadLimit {
+    pub max_size: Option<u64>,
+    pub min_size: Option<u64>,
+    pub max_append_size: Option<u64>,
+    pub min_append_size: Option<u64>,
+    /// Seconds the upload (or one created now) has left.
+    pub max_age: Option<u64>,
+}
+
+impl UploadLimit {
+    /// Unknown keys are skipped; a known key with a value that is not a non-negative Integer
+    /// makes the whole field ignored (None), as the draft asks.
+    pub fn parse(value: &str) -> Option<Self> {
+        let dictionary = sfv::Parser::new(value).parse::<sfv::Dictionary>().ok()?;
+        let mut limit = Self::default();
+        for (key, entry) in &dictionary {
+            let slot = match key.as_str() {
+                "max-size" => &mut limit.max_size,
+                "min-size" => &mut limit.min_size,
+                "max-append-size" => &mut limit.max_append_size,
+                "min-append-size" => &mut limit.min_append_size,
+                "max-age" => &mut limit.max_age,
+                _ => continue,
+            };
+            let sfv::ListEntry::Item(item) = entry else { return None };
+            let number = i64::from(item.bare_item.as_integer()?);
+            *slot = Some(u64::try_from(number).ok()?);
         }
-    })
+        Some(limit)
+    }
+}
+
+/// `max-append-size` from `Upload-Limit`, when it is a usable chunk size (not 0).
+pub fn max_append_size(value: &str) -> Option<u64> {
+    UploadLimit::parse(value)?.max_append_size.filter(|n| *n > 0)
 }
 
 /// A byte count for people: `512 B`, `64 KiB`, `1.5 MiB`, `2.00 GiB`.
@@ -288,6 +317,26 @@ mod tests {
         assert_eq!(max_append_size("max-size=100"), None);
         assert_eq!(max_append_size("max-append-size=0"), None);
         assert_eq!(max_append_size("max-append-size=lots"), None);
+    }
+
+    #[test]
+    fn upload_limit_of_the_ietf_draft() {
+        let ferry = UploadLimit::parse("max-size=107374182400, max-append-size=1048576, max-age=86399").unwrap();
+        assert_eq!(
+            ferry,
+            UploadLimit {
+                max_size: Some(100 << 30),
+                max_append_size: Some(MIB),
+                max_age: Some(86399),
+                ..UploadLimit::default()
+            }
+        );
+        // A server with no limits says so with min-size=0; unknown keys do not matter.
+        assert_eq!(UploadLimit::parse("min-size=0, future-key=?1").unwrap().min_size, Some(0));
+        // A known key of the wrong type voids the whole field, and so does a negative size.
+        assert_eq!(UploadLimit::parse("max-size=10, max-append-size=\"5\""), None);
+        assert_eq!(UploadLimit::parse("max-size=-1"), None);
+        assert_eq!(UploadLimit::parse("max-size=1, ,"), None, "not a dictionary");
     }
 
     #[test]

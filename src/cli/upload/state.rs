@@ -98,6 +98,10 @@ pub struct Record {
     /// Set once the server's SHA-256 matched the file's.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// The protocol that created the upload (`tus`, `ietf`); records written before there was a
+    /// choice have none and were made by tus.
+    #[serde(default)]
+    pub protocol: Option<String>,
 }
 
 /// The state folder, holding `<key>.json` per upload and `<key>.lock` while one runs.
@@ -239,13 +243,21 @@ mod tests {
             upload_url: "http://x/files/1".into(),
             created_at: 1,
             sha256: None,
+            protocol: Some("ietf".into()),
         };
         state.save("old", &record).unwrap();
         state.save("new", &Record { upload_url: "http://x/files/2".into(), ..record.clone() }).unwrap();
         assert_eq!(state.load("old").unwrap().upload_url, "http://x/files/1");
+        assert_eq!(state.load("old").unwrap().protocol.as_deref(), Some("ietf"));
         state.forget_others("new", &fingerprint, "http://x/files/");
         assert!(state.load("old").is_none());
         assert_eq!(state.load("new").unwrap().upload_url, "http://x/files/2");
+
+        // A record of an older client, without the protocol, still loads.
+        let mut old = serde_json::to_value(&record).unwrap();
+        old.as_object_mut().unwrap().remove("protocol");
+        std::fs::write(dir.path().join("state").join("older.json"), old.to_string()).unwrap();
+        assert_eq!(state.load("older").map(|r| r.protocol), Some(None));
     }
 
     #[test]

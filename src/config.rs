@@ -241,6 +241,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
 
+    /// How old a staged object (object stores) that no upload points to must be before the
+    /// sweeper deletes it: younger ones may belong to a request still committing. Longer than
+    /// any append takes to commit.
+    #[arg(long, env = "FERRY_ORPHAN_AGE", default_value = "10m", value_parser = parse_duration)]
+    pub orphan_age: Duration,
+
     /// Turn off the probe endpoint (`POST <base-path>probe`) that `ferry doctor` measures the
     /// proxies in front with.
     #[arg(long, env = "FERRY_NO_PROBE")]

@@ -56,6 +56,7 @@ impl App {
             expire_after: args.expire_after,
             idle_timeout: args.idle_timeout,
             sweep_interval: args.sweep_interval,
+            orphan_age: args.orphan_age,
             public_url: args.public_url(),
             base_path: args.base_path.clone(),
             memory_budget: args.memory_budget,

@@ -45,7 +45,9 @@ impl ApiError {
             Self::Upload(e) => match e {
                 UploadError::NotFound(_) => StatusCode::NOT_FOUND,
                 UploadError::Gone(_) => StatusCode::GONE,
-                UploadError::OffsetMismatch { .. } | UploadError::Conflict(_) => StatusCode::CONFLICT,
+                UploadError::OffsetMismatch { .. } | UploadError::Conflict(_) | UploadError::NotReady(_) => {
+                    StatusCode::CONFLICT
+                }
                 UploadError::Forbidden(_) => StatusCode::FORBIDDEN,
                 UploadError::TooLarge(_) | UploadError::PastLength(_) => StatusCode::PAYLOAD_TOO_LARGE,
                 UploadError::Invalid(_)
@@ -95,6 +97,9 @@ impl IntoResponse for ApiError {
             }
             Self::Upload(UploadError::Unavailable(_)) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            Self::Upload(UploadError::NotReady(_)) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             Self::Upload(UploadError::ShuttingDown) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

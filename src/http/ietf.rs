@@ -152,6 +152,10 @@ impl IntoResponse for Problem {
             ApiError::Upload(UploadError::TooLarge(_)) => (None, "the upload exceeds a limit"),
             ApiError::Upload(UploadError::ChecksumMismatch) => (None, "Content-Digest does not match the content"),
             ApiError::Upload(UploadError::DigestMismatch(_)) => (None, "Repr-Digest does not match the upload"),
+            ApiError::Upload(UploadError::NotReady(_)) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                (None, "the upload is being assembled")
+            }
             ApiError::Unauthorized(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 (None, "an upload token is required")

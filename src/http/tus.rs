@@ -16,7 +16,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use super::{AppState, admit, auth::Caller, connection::Connection, error::ApiError, headers};
 use crate::uploads::{
     AppendRequest, BodyEvent, BodyStream, ClientLink, CreateConcat, Upload,
-    types::{Checksum, ChecksumAlgorithm, ChecksumPlan, Concat, UploadId},
+    types::{Checksum, ChecksumAlgorithm, ChecksumPlan, Concat, UploadId, UploadState},
 };
 
 pub const TUS_RESUMABLE: &str = "1.0.0";
@@ -252,7 +252,12 @@ pub async fn head(State(state): State<AppState>, upload: UploadRef) -> Result<Re
     let mut response = StatusCode::OK.into_response();
     let h = response.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("upload-offset", HeaderValue::from(upload.offset));
+    // A final upload has no offset of its own while it is assembled (tus: it SHOULD NOT carry
+    // one); a client that read 0 there would think it has to send the bytes.
+    let assembling = matches!(upload.concat, Concat::Final(_)) && upload.state != UploadState::Completed;
+    if !assembling {
+        h.insert("upload-offset", HeaderValue::from(upload.offset));
+    }
     match upload.length {
         Some(length) => h.insert("upload-length", HeaderValue::from(length)),
         None => h.insert("upload-defer-length", HeaderValue::from_static("1")),

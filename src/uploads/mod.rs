@@ -26,10 +26,6 @@ pub use append::COMPLETION_WAIT;
 pub use pipeline::Budget;
 pub use worker::spawn_background;
 
-/// Staged objects no row points to are deleted once they are this old (younger ones may belong
-/// to a request that is about to commit them).
-pub const ORPHAN_AGE: Duration = Duration::from_secs(600);
-
 /// How long a presigned download URL stays valid.
 pub const PRESIGNED_URL_TTL: Duration = Duration::from_secs(300);
 
@@ -42,6 +38,8 @@ pub struct Settings {
     pub expire_after: Duration,
     pub idle_timeout: Duration,
     pub sweep_interval: Duration,
+    /// The age at which a staged object no upload points to is deleted (`--orphan-age`).
+    pub orphan_age: Duration,
     /// The URL clients reach ferry at (for download URLs in events), without the base path.
     pub public_url: String,
     pub base_path: String,
@@ -59,6 +57,9 @@ pub enum UploadError {
     OffsetMismatch { expected: u64, provided: u64 },
     #[error("{0}")]
     Conflict(String),
+    /// Complete, but its store is still assembling it: ready in a moment.
+    #[error("{0}")]
+    NotReady(String),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
@@ -582,6 +583,11 @@ impl Uploads {
     pub async fn completed(&self, id: UploadId, owner: Option<&str>) -> Result<Upload> {
         self.writers.settled(id).await;
         let row = self.load_owned(id, owner).await?;
+        if row.state == UploadState::Completing {
+            return Err(UploadError::NotReady(
+                "the upload has all its bytes and is being assembled; ask again shortly".into(),
+            ));
+        }
         if row.state != UploadState::Completed {
             return Err(UploadError::Conflict(format!(
                 "the upload is not complete yet ({} of {} bytes received)",
@@ -655,7 +661,9 @@ impl Uploads {
                 entry.insert(keys);
             }
             let keep = match &known[&object.upload] {
-                Some(keys) => keys.contains(&object.key) || object.modified_ms > now - ORPHAN_AGE.as_millis() as i64,
+                Some(keys) => {
+                    keys.contains(&object.key) || object.modified_ms > now - self.settings.orphan_age.as_millis() as i64
+                }
                 None => false,
             };
             if !keep {

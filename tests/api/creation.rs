@@ -190,9 +190,23 @@ async fn concatenation(backend: Backend) {
     assert_eq!(response.status(), 201, "{:?}", response.text().await);
     let url = header(&response, "location");
     let whole: Vec<u8> = [first, second].concat();
+    // Right after the 201: never a short offset. Either assembled (offset == length) or no
+    // offset at all, and then GET says to ask again shortly.
+    let head = app.head(&url).await;
+    match head.headers().get("upload-offset") {
+        Some(offset) => assert_eq!(offset.to_str().unwrap(), whole.len().to_string(), "a final upload's offset"),
+        None => {
+            let early = app.client.get(&url).send().await.unwrap();
+            if early.status() != 200 {
+                assert_eq!(early.status(), 409);
+                assert_eq!(header(&early, "retry-after"), "1");
+            }
+        }
+    }
 
     wait_for("the final upload to be assembled", Duration::from_secs(30), || async {
-        header(&app.head(&url).await, "upload-offset") == whole.len().to_string()
+        let head = app.head(&url).await;
+        head.headers().get("upload-offset").is_some_and(|o| o.to_str().unwrap() == whole.len().to_string())
     })
     .await;
     let head = app.head(&url).await;

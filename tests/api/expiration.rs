@@ -34,3 +34,28 @@ async fn idle_uploads_expire(backend: Backend) {
 }
 
 backend_tests!(idle_uploads_expire);
+
+/// A staged object no upload points to (left by a request that crashed before it committed) is
+/// deleted once it is older than `--orphan-age`; the staged bytes the upload needs stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphaned_staged_objects_go_after_orphan_age() {
+    let app = TestApp::spawn_with(Backend::S3, |args| {
+        args.orphan_age = Duration::from_secs(2);
+        args.sweep_interval = Duration::from_secs(1);
+    })
+    .await;
+    let bucket = app.bucket.as_ref().expect("an S3 test has a bucket");
+    let data = crate::helpers::random_bytes(3 << 20, 90);
+    let url = app.create(data.len() as u64).await;
+    assert_eq!(app.patch(&url, 0, data[..1 << 20].to_vec()).await.status(), 204);
+    let staged: Vec<String> =
+        bucket.objects().await.into_iter().map(|(key, _)| key).filter(|key| key.contains("/staging/")).collect();
+    assert_eq!(staged.len(), 1, "a chunk smaller than a part is staged: {staged:?}");
+    let orphan = format!("{}-orphan", staged[0]);
+    bucket.put(&orphan, vec![7u8; 1000]).await;
+
+    wait_for("the orphan to be swept", Duration::from_secs(30), || async { bucket.get(&orphan).await.is_none() }).await;
+    assert!(bucket.get(&staged[0]).await.is_some(), "the staged bytes the upload needs are kept");
+    assert_eq!(app.patch(&url, 1 << 20, data[1 << 20..].to_vec()).await.status(), 204);
+    assert_eq!(app.download(&url).await, data);
+}

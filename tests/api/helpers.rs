@@ -452,6 +452,15 @@ impl S3Bucket {
         get_object(&self.store, key, &format!("bucket {}", self.name)).await
     }
 
+    /// Writes an object (as a leftover of some other writer would be).
+    pub async fn put(&self, key: &str, bytes: Vec<u8>) {
+        use object_store::ObjectStoreExt;
+        self.store
+            .put(&object_store::path::Path::from(key), bytes.into())
+            .await
+            .unwrap_or_else(|e| panic!("PUT {key} in bucket {}: {e}", self.name));
+    }
+
     /// Multipart uploads begun and neither completed nor aborted: (key, upload id), sorted.
     pub async fn multipart_uploads(&self) -> Vec<(String, String)> {
         let mut uploads = list_multipart_uploads(&self.http, &self.credentials, &self.name)

@@ -421,6 +421,18 @@ async fn tusjs_in_ietf_draft_05_mode_uploads_through_two_default_nginx() {
         .filter(|line| !line.contains("\" 201 ") && !line.contains("\" 200 ") && !line.contains("\" 204 "))
         .collect();
     assert!(unexpected.is_empty(), "requests the host nginx did not pass as 200, 201 or 204: {unexpected:#?}");
+
+    // ferry's own client over the draft, through the same two nginx: its chunk size from the
+    // draft's Upload-Limit, the file's SHA-256 checked against the server's.
+    let work = CliWorkspace::new();
+    let done = work.upload(&world.files, &[file.path.as_path()], &["--protocol", "ietf"]).await;
+    done.assert_success();
+    let (url, size, sha256, _) = done.uploaded().pop().expect("a line for the file");
+    assert_eq!((size, sha256), (file.len, file.sha256_hex()), "what ferry upload --protocol ietf printed");
+    world.assert_delivered(&url, &file).await;
+    let log = world.chain.host.access_log();
+    let refused: Vec<&str> = log.lines().filter(|line| line.contains("\" 413 ")).collect();
+    assert!(refused.len() <= 1, "at most the whole-file creation was too large: {refused:#?}");
 }
 
 /// `ferry upload` through two nginx at their defaults, slowed down so that things can happen

@@ -1,6 +1,7 @@
 """The SQLite database shared by the web app (app.py) and the queue consumer (worker.py)."""
 
 import sqlite3
+import time
 
 SCHEMA = """
 -- The inbox. ferry delivers each event at least once, so the same webhook-id can arrive twice
@@ -52,11 +53,20 @@ def connect(path):
     return conn
 
 
-def init(path):
-    conn = connect(path)
-    try:
-        # WAL lets the web workers insert while worker.py reads.
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(SCHEMA)
-    finally:
-        conn.close()
+def init(path, attempts=50):
+    # Every gunicorn worker runs this as it boots, at the same moment. Switching a new database
+    # to WAL takes an exclusive lock for which SQLite does not wait (the busy timeout does not
+    # apply): the loser gets "database is locked" at once, so it tries again shortly.
+    for attempt in range(attempts):
+        conn = connect(path)
+        try:
+            # WAL lets the web workers insert while worker.py reads.
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(SCHEMA)
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or attempt + 1 == attempts:
+                raise
+        finally:
+            conn.close()
+        time.sleep(0.02 * (attempt + 1))

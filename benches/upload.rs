@@ -179,7 +179,7 @@ async fn run() {
         return;
     }
     let sections: Vec<String> = std::env::var("FERRY_BENCH")
-        .unwrap_or_else(|_| "ingest,concurrency,slow,stores".into())
+        .unwrap_or_else(|_| "ingest,concurrency,slow,stores,completion".into())
         .split(',')
         .map(|s| s.trim().to_string())
         .collect();
@@ -209,6 +209,9 @@ async fn run() {
     }
     if wants("stores") {
         stores(scratch.path(), postgres, &mut targets).await;
+    }
+    if wants("completion") {
+        completion(scratch.path(), postgres, &mut targets).await;
     }
     if let Some(database) = &database {
         database.drop_now().await;
@@ -578,14 +581,19 @@ async fn plain_multipart(store: &dyn object_store::multipart::MultipartStore, da
     started.elapsed()
 }
 
-async fn stores(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
-    let size = env_number("FERRY_BENCH_FILE_MIB", 256) * MIB;
-    let rounds = env_number("FERRY_BENCH_ROUNDS", 5);
-    let data = test_data(size);
+/// The object stores the benchmark measures ferry on, with what keeps them running.
+struct StoreRows {
+    rows: Vec<ObjectStoreRow>,
+    _garage: Option<servers::Garage>,
+    _azurite: Option<(servers::Helper, String)>,
+    _azurite_dir: tempfile::TempDir,
+}
+
+/// S3: the API the tests use (FERRY_TEST_S3_*), or a Garage of the benchmark's own; and Azurite.
+async fn store_rows(scratch: &Path, targets: &mut Targets, what: &str) -> StoreRows {
     let http = reqwest::Client::new();
     let mut rows = Vec::new();
-    // S3: the API the tests use (FERRY_TEST_S3_*), or a Garage of the benchmark's own.
-    let garage;
+    let mut garage = None;
     let credentials = match s3api::S3Credentials::try_from_env() {
         Some(credentials) => Some(credentials),
         None => {
@@ -611,7 +619,7 @@ async fn stores(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
         }
         None => {
             println!("(no S3 rows: no FERRY_TEST_S3_* settings and no Garage built; `tests/garage path` builds it)");
-            targets.missing("S3 API: ferry / plain multipart upload >= 0.8", "no S3 API");
+            targets.missing(&format!("S3 API: {what}"), "no S3 API");
         }
     }
     let azurite_dir = tempfile::tempdir_in(scratch).unwrap();
@@ -623,9 +631,18 @@ async fn stores(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
         }
         None => {
             println!("(no Azure rows: Azurite is not installed; `bash tests/run` installs it)");
-            targets.missing("Azurite: ferry / plain multipart upload >= 0.8", "no Azurite");
+            targets.missing(&format!("Azurite: {what}"), "no Azurite");
         }
     }
+    StoreRows { rows, _garage: garage, _azurite: azurite, _azurite_dir: azurite_dir }
+}
+
+async fn stores(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
+    let size = env_number("FERRY_BENCH_FILE_MIB", 256) * MIB;
+    let rounds = env_number("FERRY_BENCH_ROUNDS", 5);
+    let data = test_data(size);
+    let stores = store_rows(scratch, targets, "ferry / plain multipart upload >= 0.8").await;
+    let rows = &stores.rows;
     println!(
         "\n== stores: one upload of {} MiB through ferry (PostgreSQL) against a plain multipart upload in 8 MiB \
          parts, {rounds} interleaved rounds",
@@ -635,7 +652,7 @@ async fn stores(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
         "{:<18} {:>14} {:>14} {:>14} {:>12} {:>12}",
         "store", "plain MB/s", "ferry 8 MiB", "ferry 1 MiB", "8 MiB ratio", "1 MiB ratio"
     );
-    for row in &rows {
+    for row in rows {
         let (args, env) = row.ferry_args();
         let server = servers::ferry(&format!("ferry on {}", row.name()), scratch, postgres, &args, &env);
         let reference = row.multipart();
@@ -663,4 +680,75 @@ async fn stores(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
         );
         targets.ratio(&format!("{}: ferry (8 MiB chunks) / plain multipart upload >= 0.8", row.name()), ratio[0], 0.8);
     }
+}
+
+/// On object stores: whether completing an upload costs the same whatever its size. For 64 MiB
+/// and 1 GiB in 8 MiB chunks, the last PATCH's latency and the time from its answer until the
+/// upload can be downloaded (a one-byte ranged GET answers), medians of the rounds.
+async fn completion(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
+    let rounds = env_number("FERRY_BENCH_ROUNDS", 5).min(3);
+    let sizes = [64 * MIB, 1024 * MIB];
+    let stores = store_rows(scratch, targets, "completion time does not grow with the size").await;
+    println!(
+        "\n== completion: last PATCH and time until downloadable, 64 MiB and 1 GiB in 8 MiB chunks, ferry on \
+         PostgreSQL, {rounds} rounds"
+    );
+    println!("{:<18} {:>8} {:>16} {:>22}", "store", "size", "last PATCH ms", "then downloadable ms");
+    for row in &stores.rows {
+        let (args, env) = row.ferry_args();
+        let server = servers::ferry(&format!("ferry on {}", row.name()), scratch, postgres, &args, &env);
+        let mut last = Vec::new();
+        let mut ready = Vec::new();
+        for size in sizes {
+            let data = test_data(size);
+            let (mut lasts, mut readies) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let (patch, downloadable) = completion_times(server.addr, &server.base_path, &data).await;
+                lasts.push(patch.as_secs_f64() * 1000.0);
+                readies.push(downloadable.as_secs_f64() * 1000.0);
+            }
+            let (l, r) = (median(&mut lasts), median(&mut readies));
+            println!("{:<18} {:>7}M {:>16.1} {:>22.1}", row.name(), size / MIB, l, r);
+            last.push(l);
+            ready.push(r);
+        }
+        let name = row.name();
+        targets.at_most(&format!("{name}: last PATCH, 1 GiB / 64 MiB <= 2"), last[1] / last[0], 2.0, "x");
+        targets.at_most(
+            &format!("{name}: downloadable after, 1 GiB / 64 MiB <= 2"),
+            ready[1] / ready[0].max(1.0),
+            2.0,
+            "x",
+        );
+        targets.at_most(&format!("{name}: last PATCH of 1 GiB < 1 s"), last[1], 1000.0, "ms");
+        targets.at_most(&format!("{name}: downloadable after the last PATCH of 1 GiB < 1 s"), ready[1], 1000.0, "ms");
+    }
+}
+
+/// Uploads `data` in 8 MiB chunks; returns the last PATCH's latency and the time from its
+/// answer until a ranged GET of the first byte succeeds. The upload is terminated afterwards.
+async fn completion_times(addr: std::net::SocketAddr, base_path: &str, data: &Bytes) -> (Duration, Duration) {
+    let chunk = 8 * MIB;
+    let mut conn = client::Conn::open(addr).await;
+    let path = client::create(&mut conn, base_path, data.len()).await;
+    let mut offset = 0;
+    let mut last = Duration::ZERO;
+    while offset < data.len() {
+        let end = (offset + chunk).min(data.len());
+        let started = Instant::now();
+        offset = client::patch(&mut conn, &path, offset, end - offset, client::full(data.slice(offset..end))).await;
+        last = started.elapsed();
+    }
+    let answered = Instant::now();
+    loop {
+        let answer = conn.send("GET", &path, &[("range", "bytes=0-0".to_string())], client::empty()).await;
+        if answer.status.is_success() {
+            break;
+        }
+        assert!(answer.status == 409, "GET while completing: {}", answer.status);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let downloadable = answered.elapsed();
+    client::terminate(&mut conn, &path).await;
+    (last, downloadable)
 }

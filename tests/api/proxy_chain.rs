@@ -386,9 +386,13 @@ async fn tusjs_in_ietf_draft_05_mode_uploads_through_two_default_nginx() {
         .map(|(_, value)| value.trim().to_string())
         .unwrap_or_else(|| panic!("no Location:\n{answer}"));
     assert!(location.starts_with(&world.files), "Location {location} is not the host nginx's");
-    // Why: the host nginx spoke HTTP/1.0 to the ingress (nginx's default, the ingress' too).
-    let ingress_log = world.chain.ingress.access_log();
-    assert!(ingress_log.contains("\"POST /files/ HTTP/1.0\" 201 "), "the ingress' log:\n{ingress_log}");
+    // Why: the host nginx spoke HTTP/1.0 to the ingress (nginx's default, the ingress' too). nginx
+    // writes its access log line once it is done with the request, which may be after the client
+    // has its answer.
+    wait_for("the ingress to log the creation", Duration::from_secs(10), || async {
+        world.chain.ingress.access_log().contains("\"POST /files/ HTTP/1.0\" 201 ")
+    })
+    .await;
     let cancel = world.http.delete(&location).header("Upload-Draft-Interop-Version", "6").send().await.unwrap();
     assert_eq!(cancel.status(), 204, "DELETE {location} through the proxies");
 

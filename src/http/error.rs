@@ -67,10 +67,11 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        let message = match &self {
+impl ApiError {
+    /// What the client is told, whatever the protocol's format. Internal errors are logged here
+    /// with their detail and told only that the log has it.
+    pub fn message(&self) -> String {
+        match self {
             Self::BadHeader(m)
             | Self::UnsupportedMediaType(m)
             | Self::UnsupportedVersion(m)
@@ -81,7 +82,14 @@ impl IntoResponse for ApiError {
                 "internal error; the details are in the server log".to_string()
             }
             Self::Upload(e) => e.to_string(),
-        };
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = self.message();
         let mut response =
             (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{message}\n")).into_response();
         let headers = response.headers_mut();

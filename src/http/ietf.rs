@@ -171,14 +171,10 @@ impl IntoResponse for Problem {
             status = StatusCode::BAD_REQUEST;
         }
         let detail = match &error {
-            ApiError::Upload(UploadError::Internal(e)) => {
-                tracing::error!(error = ?e, "request failed");
-                "internal error; the details are in the server log".to_string()
-            }
             ApiError::Upload(UploadError::ChecksumMismatch) => {
                 "the content does not match Content-Digest; nothing of it was kept".to_string()
             }
-            other => error_message(other),
+            other => other.message(),
         };
         body.insert(
             "type".into(),
@@ -198,18 +194,6 @@ impl IntoResponse for Problem {
             h.insert(header::LOCATION, location);
         }
         response
-    }
-}
-
-/// The plain-text message ferry gives for an error (what tus clients read).
-fn error_message(error: &ApiError) -> String {
-    match error {
-        ApiError::BadHeader(m)
-        | ApiError::UnsupportedMediaType(m)
-        | ApiError::UnsupportedVersion(m)
-        | ApiError::Unauthorized(m) => m.clone(),
-        ApiError::RangeNotSatisfiable(size) => format!("the range is outside the {size} bytes of this upload"),
-        ApiError::Upload(e) => e.to_string(),
     }
 }
 
@@ -546,14 +530,7 @@ pub fn problem_response(error: ApiError) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(*k, HeaderValue::from_static(v));
-        }
-        h
-    }
+    use crate::http::fields::tests::headers;
 
     #[test]
     fn versions() {

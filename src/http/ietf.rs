@@ -354,6 +354,7 @@ pub async fn create(
     let has_content = content_length.is_none_or(|n| n > 0);
     let mut offset = 0;
     let mut completed = length == Some(0);
+    let mut sha256 = upload.sha256;
     if has_content || (complete && length.is_none()) {
         let append = AppendRequest {
             id: upload.id,
@@ -369,6 +370,7 @@ pub async fn create(
             Ok(appended) => {
                 offset = appended.offset;
                 completed = appended.completed;
+                sha256 = appended.sha256;
             }
             Err(e) => {
                 let mut problem = Problem::new(e).with_limit(limit);
@@ -387,16 +389,13 @@ pub async fn create(
     h.insert("upload-offset", HeaderValue::from(offset));
     h.insert("upload-complete", fields::boolean_value(completed));
     h.insert("upload-limit", limit);
-    if completed {
-        add_repr_digest(&state, upload.id, h).await;
-    }
+    add_repr_digest(h, sha256);
     response
 }
 
-async fn add_repr_digest(state: &AppState, id: crate::uploads::types::UploadId, h: &mut HeaderMap) {
-    if let Ok(upload) = state.uploads.get(id).await
-        && let Some(sha256) = upload.sha256
-    {
+/// `Repr-Digest` of a complete upload (from the append that completed it: no second read).
+fn add_repr_digest(h: &mut HeaderMap, sha256: Option<[u8; 32]>) {
+    if let Some(sha256) = sha256 {
         h.insert("repr-digest", fields::digest_value("sha-256", &sha256));
     }
 }
@@ -497,9 +496,7 @@ pub async fn append(
             let h = response.headers_mut();
             h.insert("upload-offset", HeaderValue::from(appended.offset));
             h.insert("upload-complete", fields::boolean_value(appended.completed));
-            if appended.completed {
-                add_repr_digest(&state, id, h).await;
-            }
+            add_repr_digest(h, appended.sha256);
             response
         }
         Err(error) => {

@@ -213,7 +213,7 @@ impl Uploads {
                 settled.length.unwrap_or_default()
             )));
         }
-        Ok(Appended { offset: to_offset, completed: completes, expires_at: commit.expires_at })
+        Ok(Appended { offset: to_offset, completed: completes, sha256, expires_at: commit.expires_at })
     }
 
     /// A checksum vouches for a whole body: a cut-off or mismatching body is discarded.

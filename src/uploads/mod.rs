@@ -201,6 +201,8 @@ pub struct Appended {
     pub offset: u64,
     /// The upload has all its bytes now.
     pub completed: bool,
+    /// The whole upload's SHA-256, once it is complete.
+    pub sha256: Option<[u8; 32]>,
     pub expires_at: Option<i64>,
 }
 

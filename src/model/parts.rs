@@ -24,6 +24,30 @@ impl StoreUpload {
     }
 }
 
+/// One partial upload's bytes inside a final (concatenated) upload: the final upload is read
+/// from these objects in order, nothing is copied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    /// The partial upload whose object holds the bytes.
+    pub upload: UploadId,
+    /// Where the piece begins in the final upload.
+    pub start: u64,
+    pub size: u64,
+    /// The partial upload's key prefix: its object is `uploads/<key_prefix><upload>`.
+    pub key_prefix: Option<String>,
+}
+
+impl Piece {
+    /// The partial upload's bytes, as the store finds them.
+    pub fn store(&self) -> StoreUpload {
+        StoreUpload { key_prefix: self.key_prefix.clone(), ..Default::default() }
+    }
+
+    pub fn end(&self) -> u64 {
+        self.start + self.size
+    }
+}
+
 /// A key prefix is a relative path of letters, digits, `.`, `_`, `-` and `/`, with no empty or
 /// dot-only segments, at most 128 characters.
 pub fn valid_key_prefix(prefix: &str) -> bool {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::model::{
-    parts::{AppendOutcome, Part, Staged, StoreUpload},
+    parts::{AppendOutcome, Part, Piece, Staged, StoreUpload},
     types::{Concat, Metadata, UploadId, UploadState},
 };
 
@@ -66,6 +66,8 @@ pub struct NewUpload {
     pub store: StoreUpload,
     pub size_limit: Option<u64>,
     pub expected_sha256: Option<[u8; 32]>,
+    /// A final upload's pieces: its partial uploads' objects, in order.
+    pub pieces: Vec<Piece>,
     pub now: i64,
     pub expires_at: Option<i64>,
 }
@@ -123,8 +125,12 @@ pub trait Repo: Send + Sync + 'static {
     /// Connections open and idle in the pool.
     fn pool_stats(&self) -> (u32, usize);
 
-    /// Inserts an upload and the events its creation causes, in one transaction.
-    async fn insert(&self, upload: &NewUpload, events: &[NewEvent]) -> Result<()>;
+    /// Inserts an upload and the events its creation causes, in one transaction. A final
+    /// upload's pieces are inserted with it, and only while each partial upload they name is
+    /// still complete (its row is locked meanwhile, so a concurrent termination either comes
+    /// first and refuses the final upload, or comes after and sees the partial in use): false,
+    /// and nothing inserted, when one is not.
+    async fn insert(&self, upload: &NewUpload, events: &[NewEvent]) -> Result<bool>;
 
     async fn get(&self, id: UploadId) -> Result<Option<UploadRow>>;
 
@@ -153,8 +159,23 @@ pub trait Repo: Send + Sync + 'static {
     /// The staged objects of an upload, in offset order.
     async fn staged(&self, id: UploadId) -> Result<Vec<Staged>>;
 
-    /// Marks an upload terminated unless it is gone already or a final upload still being
-    /// assembled reads from it. Returns false when nothing changed.
+    /// A final upload's pieces, in order; empty for any other upload (and for final uploads
+    /// assembled into an object of their own by earlier versions).
+    async fn pieces(&self, id: UploadId) -> Result<Vec<Piece>>;
+
+    /// True while a final upload that is not gone reads from this (partial) upload's bytes.
+    async fn in_use(&self, id: UploadId) -> Result<bool>;
+
+    /// Turns a final upload left `completing` by an earlier version (which copied the partials'
+    /// bytes) into one read from `pieces`: completed, with its SHA-256 still to be computed.
+    /// False when it moved on meanwhile or a partial is no longer complete.
+    async fn adopt_pieces(&self, id: UploadId, pieces: &[Piece], now: i64) -> Result<bool>;
+
+    /// Records the whole-file SHA-256 of a completed upload that had none yet (a final upload),
+    /// with its events. False when it was terminated meanwhile or already has one.
+    async fn record_digest(&self, id: UploadId, sha256: [u8; 32], now: i64, events: &[NewEvent]) -> Result<bool>;
+
+    /// Marks an upload terminated unless it is gone already. Returns false when nothing changed.
     async fn terminate(&self, id: UploadId, now: i64, events: &[NewEvent]) -> Result<bool>;
 
     /// Receiving uploads whose expiry passed.
@@ -164,7 +185,8 @@ pub trait Repo: Send + Sync + 'static {
     /// moved on meanwhile.
     async fn expire(&self, id: UploadId, now: i64, events: &[NewEvent]) -> Result<bool>;
 
-    /// Terminated or expired uploads whose bytes still have to be deleted.
+    /// Terminated or expired uploads whose bytes still have to be deleted (and that no final
+    /// upload still reads).
     async fn pending_deletions(&self, limit: i64) -> Result<Vec<UploadId>>;
 
     async fn mark_bytes_deleted(&self, id: UploadId) -> Result<()>;
@@ -172,7 +194,9 @@ pub trait Repo: Send + Sync + 'static {
     /// Forgets terminated and expired uploads (whose bytes are gone) last changed before `before`.
     async fn purge_gone(&self, before: i64) -> Result<u64>;
 
-    /// Claims one upload in state `completing` whose job is not held by a live lease.
+    /// Claims one background completion job not held by a live lease: an upload in state
+    /// `completing` (its store has to assemble it), or a completed one whose SHA-256 is still
+    /// to be computed (a final upload).
     async fn claim_completion(&self, now: i64, lease_until: i64) -> Result<Option<UploadRow>>;
 
     /// Extends a completion lease; false if another worker took it over.

@@ -18,7 +18,7 @@ use super::{
     UploadRow,
 };
 use crate::model::{
-    parts::{Part, Staged, StoreUpload},
+    parts::{Part, Piece, Staged, StoreUpload},
     types::{Concat, Metadata, UploadId, UploadState},
 };
 
@@ -183,6 +183,48 @@ macro_rules! insert_events {
     };
 }
 
+/// Inserts a final upload's pieces inside an open transaction, each only while its partial
+/// upload is still complete; the UPDATE locks the partial's row until the commit, so that a
+/// termination racing with this either comes first (and the partial is refused here) or waits
+/// and then sees the partial in use. Evaluates to false when a partial is not complete.
+macro_rules! insert_pieces {
+    ($tx:ident, $final_id:expr, $pieces:expr) => {{
+        let mut complete = true;
+        for (position, piece) in $pieces.iter().enumerate() {
+            let locked =
+                sqlx::query("UPDATE uploads SET updated_at = updated_at WHERE id = $1 AND state = 'completed'")
+                    .bind(piece.upload.uuid())
+                    .execute(&mut *$tx)
+                    .await?;
+            if locked.rows_affected() != 1 {
+                complete = false;
+                break;
+            }
+            sqlx::query(
+                "INSERT INTO upload_pieces (final_id, position, part_id, start_offset, size, key_prefix) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind($final_id.uuid())
+            .bind(position as i32)
+            .bind(piece.upload.uuid())
+            .bind(to_i64(piece.start))
+            .bind(to_i64(piece.size))
+            .bind(&piece.key_prefix)
+            .execute(&mut *$tx)
+            .await?;
+        }
+        complete
+    }};
+}
+
+/// Uploads a background completion job is due for: a store still has to assemble them, or
+/// (final uploads) their SHA-256 is still to be computed.
+const DUE: &str = "(state = 'completing' OR (state = 'completed' AND sha256 IS NULL))";
+
+/// A final upload not gone that reads from the partial upload `$1`.
+const IN_USE: &str = "EXISTS (SELECT 1 FROM upload_pieces p JOIN uploads f ON f.id = p.final_id \
+                      WHERE p.part_id = $1 AND f.state NOT IN ('terminated', 'expired'))";
+
 const EVENT_COLUMNS: &str = "seq, id, upload_id, event_type, payload, created_at, attempts, next_attempt_at, \
                              delivered_at, dead_at, last_error";
 
@@ -243,7 +285,7 @@ macro_rules! sql_repo {
                 (self.pool.size(), self.pool.num_idle())
             }
 
-            async fn insert(&self, upload: &NewUpload, events: &[NewEvent]) -> Result<()> {
+            async fn insert(&self, upload: &NewUpload, events: &[NewEvent]) -> Result<bool> {
                 let (concat, concat_parts) = concat_columns(&upload.concat);
                 let mut tx = durable_tx!(self.pool, $durable);
                 sqlx::query(
@@ -271,9 +313,12 @@ macro_rules! sql_repo {
                 .bind(upload.expected_sha256.map(|h| h.to_vec()))
                 .execute(&mut *tx)
                 .await?;
+                if !insert_pieces!(tx, upload.id, &upload.pieces) {
+                    return Ok(false);
+                }
                 insert_events!(tx, events);
                 tx.commit().await?;
-                Ok(())
+                Ok(true)
             }
 
             async fn get(&self, id: UploadId) -> Result<Option<UploadRow>> {
@@ -452,13 +497,10 @@ macro_rules! sql_repo {
                 let result = sqlx::query(
                     "UPDATE uploads SET state = 'terminated', updated_at = $2, expires_at = NULL, \
                      write_gen = write_gen + 1 \
-                     WHERE id = $1 AND state IN ('receiving', 'completing', 'completed') \
-                     AND NOT EXISTS (SELECT 1 FROM uploads f WHERE f.state = 'completing' \
-                                     AND f.concat_parts LIKE '%' || $3 || '%')",
+                     WHERE id = $1 AND state IN ('receiving', 'completing', 'completed')",
                 )
                 .bind(id.uuid())
                 .bind(now)
-                .bind(id.to_string())
                 .execute(&mut *tx)
                 .await?;
                 if result.rows_affected() != 1 {
@@ -501,7 +543,10 @@ macro_rules! sql_repo {
 
             async fn pending_deletions(&self, limit: i64) -> Result<Vec<UploadId>> {
                 let rows = sqlx::query(
-                    "SELECT id FROM uploads WHERE state IN ('terminated', 'expired') AND NOT bytes_deleted LIMIT $1",
+                    "SELECT id FROM uploads u WHERE state IN ('terminated', 'expired') AND NOT bytes_deleted \
+                     AND NOT EXISTS (SELECT 1 FROM upload_pieces p JOIN uploads f ON f.id = p.final_id \
+                                     WHERE p.part_id = u.id AND f.state NOT IN ('terminated', 'expired')) \
+                     LIMIT $1",
                 )
                 .bind(limit)
                 .fetch_all(&self.reader)
@@ -531,9 +576,8 @@ macro_rules! sql_repo {
             async fn claim_completion(&self, now: i64, lease_until: i64) -> Result<Option<UploadRow>> {
                 let row = sqlx::query(&format!(
                     "UPDATE uploads SET claimed_until = $2 \
-                     WHERE id = (SELECT id FROM uploads WHERE state = 'completing' \
-                                 AND (claimed_until IS NULL OR claimed_until < $1) LIMIT 1) \
-                     AND state = 'completing' AND (claimed_until IS NULL OR claimed_until < $1) \
+                     WHERE id = (SELECT id FROM uploads WHERE {DUE} AND (claimed_until IS NULL OR claimed_until < $1) LIMIT 1) \
+                     AND {DUE} AND (claimed_until IS NULL OR claimed_until < $1) \
                      RETURNING {COLUMNS}"
                 ))
                 .bind(now)
@@ -545,8 +589,7 @@ macro_rules! sql_repo {
 
             async fn renew_completion(&self, id: UploadId, held_until: i64, lease_until: i64) -> Result<bool> {
                 let result = sqlx::query(
-                    "UPDATE uploads SET claimed_until = $3 \
-                     WHERE id = $1 AND state = 'completing' AND claimed_until = $2",
+                    "UPDATE uploads SET claimed_until = $3 WHERE id = $1 AND claimed_until = $2",
                 )
                 .bind(id.uuid())
                 .bind(held_until)
@@ -571,6 +614,69 @@ macro_rules! sql_repo {
                 )
                 .bind(id.uuid())
                 .bind(sha256.map(|h| h.to_vec()))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                if result.rows_affected() != 1 {
+                    return Ok(false);
+                }
+                insert_events!(tx, events);
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn pieces(&self, id: UploadId) -> Result<Vec<Piece>> {
+                let rows = sqlx::query(
+                    "SELECT part_id, start_offset, size, key_prefix FROM upload_pieces WHERE final_id = $1 ORDER BY position",
+                )
+                .bind(id.uuid())
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok(Piece {
+                            upload: UploadId::from_uuid(row.try_get("part_id")?),
+                            start: row.try_get::<i64, _>("start_offset")? as u64,
+                            size: row.try_get::<i64, _>("size")? as u64,
+                            key_prefix: row.try_get("key_prefix")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn in_use(&self, id: UploadId) -> Result<bool> {
+                let row = sqlx::query(&format!("SELECT {IN_USE} AS used"))
+                    .bind(id.uuid())
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(row.try_get::<bool, _>("used")?)
+            }
+
+            async fn adopt_pieces(&self, id: UploadId, pieces: &[Piece], now: i64) -> Result<bool> {
+                let mut tx = durable_tx!(self.pool, $durable);
+                let adopted = sqlx::query(
+                    "UPDATE uploads SET state = 'completed', upload_offset = length, sha256 = NULL, claimed_until = NULL, \
+                     updated_at = $2, expires_at = NULL WHERE id = $1 AND state = 'completing' AND concat = 'final'",
+                )
+                .bind(id.uuid())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                if adopted.rows_affected() != 1 || !insert_pieces!(tx, id, pieces) {
+                    return Ok(false);
+                }
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn record_digest(&self, id: UploadId, sha256: [u8; 32], now: i64, events: &[NewEvent]) -> Result<bool> {
+                let mut tx = durable_tx!(self.pool, $durable);
+                let result = sqlx::query(
+                    "UPDATE uploads SET sha256 = $2, claimed_until = NULL, updated_at = $3 \
+                     WHERE id = $1 AND state = 'completed' AND sha256 IS NULL",
+                )
+                .bind(id.uuid())
+                .bind(sha256.to_vec())
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;

@@ -30,9 +30,10 @@ fn rfc3339(ms: i64) -> String {
     DateTime::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-/// An event about `upload` (as it is after the change), with where its bytes are and the URL
+/// An event about `upload` (as it is after the change), with where its bytes are (None for a
+/// final upload, read from its partial uploads' objects) and the URL
 /// it downloads from. Its id is the `webhook-id` receivers de-duplicate on.
-pub fn event(kind: EventKind, upload: &UploadRow, location: String, url: String) -> NewEvent {
+pub fn event(kind: EventKind, upload: &UploadRow, location: Option<String>, url: String) -> NewEvent {
     let now = now_ms();
     let id = format!("evt_{}", uuid::Uuid::new_v4().simple());
     let metadata: serde_json::Map<String, serde_json::Value> = upload

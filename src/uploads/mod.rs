@@ -3,6 +3,7 @@
 mod admission;
 mod append;
 pub mod events;
+mod pieces;
 pub mod pipeline;
 mod worker;
 mod writers;
@@ -14,6 +15,7 @@ use futures_util::stream::BoxStream;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::model::parts::Piece;
 use crate::{
     repo::{NewEvent, NewUpload, Repo, RepoError, UploadRow},
     store::{Download, Store, StoreError, StoreUpload},
@@ -356,7 +358,10 @@ impl Uploads {
     }
 
     fn event(&self, kind: EventKind, upload: &UploadRow) -> NewEvent {
-        events::event(kind, upload, self.store.location(upload.id, &upload.store), self.download_url(upload.id))
+        // A final upload is read from its partials' objects: no one place holds its bytes.
+        let location =
+            (!matches!(upload.concat, Concat::Final(_))).then(|| self.store.location(upload.id, &upload.store));
+        events::event(kind, upload, location, self.download_url(upload.id))
     }
 
     fn expiry(&self, now: i64) -> i64 {
@@ -423,6 +428,8 @@ impl Uploads {
         }
         let id = UploadId::new();
         let now = now_ms();
+        let mut pieces = Vec::new();
+        let mut hash_state = FileHasher::new().save();
         let (length, state, concat, sha256) = match request.concat {
             CreateConcat::Final(parts) => {
                 if request.length.is_some() {
@@ -430,11 +437,29 @@ impl Uploads {
                         "a final upload (Upload-Concat: final) must not carry Upload-Length".into(),
                     ));
                 }
-                let length = self.check_partials(&parts, request.owner.as_deref()).await?;
-                self.check_size(length)?;
-                // Concatenation reads every partial: a background job does it, never the request.
-                let state = if length == 0 { UploadState::Completed } else { UploadState::Completing };
-                (Some(length), state, Concat::Final(parts), (length == 0).then(empty_sha256))
+                let partials = self.check_partials(&parts, request.owner.as_deref()).await?;
+                let mut start = 0u64;
+                for partial in &partials {
+                    let size = partial.length.unwrap_or(partial.offset);
+                    pieces.push(Piece {
+                        upload: partial.id,
+                        start,
+                        size,
+                        key_prefix: partial.store.key_prefix.clone(),
+                    });
+                    start += size;
+                }
+                self.check_size(start)?;
+                // The final upload is read from its partials' objects: complete at once, nothing
+                // copied. Its SHA-256 is known now only when one partial holds every byte; else a
+                // background job computes it, starting from the first partial's hash state.
+                let sha256 = match partials.as_slice() {
+                    _ if start == 0 => Some(empty_sha256()),
+                    [only] => only.sha256,
+                    _ => None,
+                };
+                hash_state = partials[0].hash_state.clone();
+                (Some(start), UploadState::Completed, Concat::Final(parts), sha256)
             }
             other => {
                 if let Some(length) = request.length {
@@ -452,8 +477,8 @@ impl Uploads {
             return Err(UploadError::DigestMismatch("the upload is empty".into()));
         }
         let expires_at = (state == UploadState::Receiving).then(|| self.expiry(now));
-        // A final upload's bytes are written by the job that assembles it.
-        let store = if !matches!(concat, Concat::Final(_)) || length == Some(0) {
+        // A final upload has no object of its own.
+        let store = if !matches!(concat, Concat::Final(_)) {
             let max_length = length.unwrap_or(self.limit_of(request.max_size));
             self.store.create(id, request.key_prefix.clone(), max_length, length == Some(0)).await?
         } else {
@@ -465,65 +490,90 @@ impl Uploads {
             metadata: request.metadata,
             state,
             concat,
-            hash_state: FileHasher::new().save(),
+            hash_state,
             sha256,
             owner: request.owner,
             store,
             size_limit: request.max_size,
             expected_sha256: request.expected_sha256,
+            pieces,
             now,
             expires_at,
         };
         let row = UploadRow::from(&new);
         let mut events = vec![self.event(EventKind::Created, &row)];
-        if state == UploadState::Completed {
+        // `upload.completed` carries the SHA-256: for a final upload whose digest is still to be
+        // computed, the job that computes it records the event.
+        if state == UploadState::Completed && sha256.is_some() {
             events.push(self.event(EventKind::Completed, &row));
         }
-        if let Err(e) = self.repo.insert(&new, &events).await {
-            let _ = self.store.delete(id, &new.store, &[]).await;
-            return Err(e.into());
+        match self.repo.insert(&new, &events).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(UploadError::Conflict(
+                    "a partial upload named in Upload-Concat was terminated meanwhile".into(),
+                ));
+            }
+            Err(e) => {
+                let _ = self.store.delete(id, &new.store, &[]).await;
+                return Err(e.into());
+            }
         }
         self.metrics.uploads_created.inc();
-        match state {
-            UploadState::Completing => {
+        if state == UploadState::Completed {
+            self.metrics.uploads_completed.inc();
+            if sha256.is_none() {
                 self.completion_wanted.notify_one();
             }
-            UploadState::Completed => {
-                self.metrics.uploads_completed.inc();
-            }
-            _ => {}
         }
         tracing::info!(upload = %id, length = ?length, "upload created");
         // What was just inserted, without reading it back.
         Ok(row.into())
     }
 
-    /// Checks the partial uploads named by a final upload and returns their total length.
-    async fn check_partials(&self, parts: &[UploadId], owner: Option<&str>) -> Result<u64> {
+    /// Checks the partial uploads named by a final upload and returns their rows, in order. A
+    /// partial whose store is still completing it (its last append just answered) is waited
+    /// for, as long as an append waits for that.
+    async fn check_partials(&self, parts: &[UploadId], owner: Option<&str>) -> Result<Vec<UploadRow>> {
         if parts.is_empty() {
             return Err(UploadError::Invalid("Upload-Concat: final names no partial uploads".into()));
         }
-        let mut total: u64 = 0;
+        let deadline = tokio::time::Instant::now() + append::COMPLETION_WAIT;
+        let mut rows = Vec::with_capacity(parts.len());
         for id in parts {
-            let row = match self.repo.get(*id).await? {
-                Some(row) if !row.state.is_gone() && row.owner.as_deref() == owner => row,
-                _ => return Err(UploadError::Invalid(format!("partial upload {id} does not exist"))),
+            let row = loop {
+                let row = match self.repo.get(*id).await? {
+                    Some(row) if !row.state.is_gone() && row.owner.as_deref() == owner => row,
+                    _ => return Err(UploadError::Invalid(format!("partial upload {id} does not exist"))),
+                };
+                if row.state != UploadState::Completing || tokio::time::Instant::now() >= deadline {
+                    break row;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             };
             if row.concat != Concat::Partial {
                 return Err(UploadError::Invalid(format!(
                     "upload {id} is not a partial upload (create it with Upload-Concat: partial)"
                 )));
             }
-            if row.state != UploadState::Completed {
-                return Err(UploadError::Invalid(format!(
-                    "partial upload {id} is not complete yet ({} of {} bytes)",
-                    row.offset,
-                    row.length.map_or("?".to_string(), |l| l.to_string())
-                )));
+            match row.state {
+                UploadState::Completed => {}
+                UploadState::Completing => {
+                    return Err(UploadError::NotReady(format!(
+                        "partial upload {id} has all its bytes and its store is still completing it; try again shortly"
+                    )));
+                }
+                _ => {
+                    return Err(UploadError::Invalid(format!(
+                        "partial upload {id} is not complete yet ({} of {} bytes)",
+                        row.offset,
+                        row.length.map_or("?".to_string(), |l| l.to_string())
+                    )));
+                }
             }
-            total = total.saturating_add(row.length.unwrap_or(0));
+            rows.push(row);
         }
-        Ok(total)
+        Ok(rows)
     }
 
     /// Completes an upload whose parts are all stored (object stores).
@@ -540,32 +590,46 @@ impl Uploads {
         Ok(())
     }
 
-    /// Terminates an upload and deletes its bytes.
+    /// Terminates an upload and deletes its bytes: a partial upload's only once no final upload
+    /// reads them any more; a final upload's own, and then those of its partial uploads that
+    /// were terminated before and that no other final upload reads.
     pub async fn terminate(&self, id: UploadId, owner: Option<&str>) -> Result<()> {
         self.writers.settled(id).await;
         let row = self.load_owned(id, owner).await?;
         let events = [self.event(EventKind::Terminated, &row)];
         if !self.repo.terminate(id, now_ms(), &events).await? {
             self.load(id).await?;
-            return Err(UploadError::Conflict(
-                "this partial upload is being concatenated into a final upload; try again when that is done".into(),
-            ));
+            return Err(UploadError::Conflict("the upload changed while it was being terminated; try again".into()));
         }
         self.metrics.uploads_terminated.inc();
         tracing::info!(upload = %id, "upload terminated");
         self.delete_bytes(id).await;
+        if let Concat::Final(parts) = &row.concat {
+            for part in parts {
+                self.delete_bytes(*part).await;
+            }
+        }
         Ok(())
     }
 
-    /// Deletes the bytes of a terminated or expired upload; on failure the sweeper retries.
+    /// Deletes the bytes of a terminated or expired upload, unless a final upload still reads
+    /// them; on failure the sweeper retries.
     async fn delete_bytes(&self, id: UploadId) {
         let stored = async {
-            let store = self.repo.get(id).await?.map(|row| row.store).unwrap_or_default();
+            let Some(row) = self.repo.get(id).await? else { return Ok(None) };
+            if !row.state.is_gone() {
+                return Ok(None);
+            }
+            if self.repo.in_use(id).await? {
+                tracing::debug!(upload = %id, "bytes kept: a final upload reads them");
+                return Ok(None);
+            }
             let staged = self.repo.staged(id).await?;
-            Ok::<_, RepoError>((store, staged))
+            Ok::<_, RepoError>(Some((row.store, staged)))
         };
         let (store, staged) = match stored.await {
-            Ok(found) => found,
+            Ok(Some(found)) => found,
+            Ok(None) => return,
             Err(e) => {
                 tracing::warn!(upload = %id, error = %e, "could not look up stored bytes; the sweeper will retry");
                 return;
@@ -601,20 +665,30 @@ impl Uploads {
     }
 
     /// A short-lived URL of the store for downloading a completed upload directly, where the
-    /// store supports it.
+    /// store supports it and the upload is one object (not a final upload read from pieces).
     pub async fn presign(&self, upload: &Upload) -> Result<Option<String>> {
+        if matches!(upload.concat, Concat::Final(_)) && !self.repo.pieces(upload.id).await?.is_empty() {
+            return Ok(None);
+        }
         Ok(self.store.presign(upload.id, &upload.store, PRESIGNED_URL_TTL).await?)
     }
 
     /// Reads a completed upload's bytes, or a range of them.
     pub async fn download(&self, upload: &Upload, range: Option<std::ops::Range<u64>>) -> Result<Download> {
         let id = upload.id;
-        self.store.read(id, &upload.store, range).await.map_err(|e| match e {
+        let missing = |e: StoreError| match e {
             StoreError::NotFound => {
                 UploadError::Internal(anyhow::anyhow!("bytes of completed upload {id} are missing"))
             }
             other => other.into(),
-        })
+        };
+        if matches!(upload.concat, Concat::Final(_)) {
+            let pieces = self.repo.pieces(id).await?;
+            if !pieces.is_empty() {
+                return pieces::read(self.store.clone(), pieces, range).await.map_err(missing);
+            }
+        }
+        self.store.read(id, &upload.store, range).await.map_err(missing)
     }
 
     /// One pass of the sweeper: expires idle incomplete uploads, deletes leftover bytes,

@@ -1,21 +1,18 @@
-//! Background work that must not happen inside a request: sweeping expired uploads and
-//! assembling final concatenations. Both are durable (driven by database state) and safe to run
+//! Background work that must not happen inside a request: sweeping expired uploads, completing
+//! multipart uploads and computing final concatenations' SHA-256. Both are durable (driven by database state) and safe to run
 //! on every instance at once.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Uploads, now_ms,
-    types::{Concat, FileHasher},
+    Upload, Uploads, now_ms,
+    types::{Concat, FileHasher, UploadState},
 };
-use crate::store::{ByteStream, StoreError};
+use crate::{model::parts::Piece, repo::UploadRow, store::StoreError};
 
 /// How long a completion job is held before another instance may take it over.
 const COMPLETION_LEASE: Duration = Duration::from_secs(120);
@@ -66,76 +63,113 @@ impl Uploads {
         let Some(row) = self.repo.claim_completion(now, lease_until).await? else {
             return Ok(false);
         };
-        let Concat::Final(parts) = &row.concat else {
+        match (&row.state, &row.concat) {
+            (UploadState::Completing, Concat::Final(parts)) => self.adopt(&row, parts).await?,
             // A multipart upload whose parts are all stored: complete it.
-            self.finish_parts(row.id, &row.store).await?;
-            return Ok(true);
-        };
-        tracing::info!(upload = %row.id, parts = parts.len(), "assembling final upload");
-
-        // Stream every partial, in order, into the final upload's object, hashing on the way.
-        let hasher = Arc::new(Mutex::new(FileHasher::new()));
-        let store = self.store.clone();
-        // Each partial's bytes are where its own key prefix put them.
-        let mut sources = Vec::with_capacity(parts.len());
-        for part in parts {
-            let stored = self.repo.get(*part).await?.map(|r| r.store).unwrap_or_default();
-            sources.push((*part, stored));
-        }
-        let parts = sources;
-        let reader: ByteStream = futures_util::stream::iter(parts)
-            .then(move |part| {
-                let store = store.clone();
-                async move { store.read(part.0, &part.1, None).await.map(|download| download.stream) }
-            })
-            .try_flatten()
-            .inspect_ok({
-                let hasher = hasher.clone();
-                move |chunk| hasher.lock().expect("hasher lock").update(chunk)
-            })
-            .boxed();
-        // Renew the lease while the copy runs, so that a long job is not taken over.
-        let renew = {
-            let repo = self.repo.clone();
-            let id = row.id;
-            tokio::spawn(async move {
-                let mut held = lease_until;
-                loop {
-                    tokio::time::sleep(COMPLETION_LEASE / 3).await;
-                    let next = now_ms() + COMPLETION_LEASE.as_millis() as i64;
-                    match repo.renew_completion(id, held, next).await {
-                        Ok(true) => held = next,
-                        _ => break,
-                    }
-                }
-            })
-        };
-        let written = self.store.write_stream(row.id, &row.store, reader).await;
-        renew.abort();
-        let written = match written {
-            Ok(written) => written,
-            Err(StoreError::NotFound) => anyhow::bail!("a partial upload of {} has no bytes", row.id),
-            Err(e) => return Err(e.into()),
-        };
-        if Some(written) != row.length {
-            anyhow::bail!("assembled {written} bytes for {} but expected {:?}", row.id, row.length);
-        }
-        let sha256 = Arc::try_unwrap(hasher)
-            .map_err(|_| anyhow::anyhow!("hasher still shared"))?
-            .into_inner()
-            .expect("hasher lock")
-            .finish();
-        let done = crate::repo::UploadRow {
-            state: crate::uploads::types::UploadState::Completed,
-            offset: written,
-            sha256: Some(sha256),
-            ..row.clone()
-        };
-        let events = [self.event(super::events::EventKind::Completed, &done)];
-        if self.repo.finish_completion(row.id, Some(sha256), now_ms(), &events).await? {
-            self.metrics.uploads_completed.inc();
-            tracing::info!(upload = %row.id, length = written, "final upload completed");
+            (UploadState::Completing, _) => self.finish_parts(row.id, &row.store).await?,
+            _ => self.digest(&row, lease_until).await?,
         }
         Ok(true)
+    }
+
+    /// A final upload left assembling by an earlier version, which copied the partials' bytes:
+    /// from now on it is read from them, and only its SHA-256 remains to be computed.
+    async fn adopt(&self, row: &UploadRow, parts: &[super::types::UploadId]) -> anyhow::Result<()> {
+        let mut pieces = Vec::with_capacity(parts.len());
+        let mut start = 0;
+        for part in parts {
+            let Some(partial) = self.repo.get(*part).await? else {
+                anyhow::bail!("partial upload {part} of final upload {} is gone", row.id);
+            };
+            let size = partial.length.unwrap_or(partial.offset);
+            pieces.push(Piece { upload: *part, start, size, key_prefix: partial.store.key_prefix.clone() });
+            start += size;
+        }
+        if self.repo.adopt_pieces(row.id, &pieces, now_ms()).await? {
+            tracing::info!(upload = %row.id, parts = parts.len(), "final upload now read from its partial uploads");
+            self.completion_wanted.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Computes the whole-file SHA-256 of a completed upload that has none yet (a final upload,
+    /// read from its pieces), and records it with `upload.completed`. The first piece is not
+    /// read again when the final upload's saved hash state already covers it.
+    async fn digest(&self, row: &UploadRow, lease_until: i64) -> anyhow::Result<()> {
+        let pieces = self.repo.pieces(row.id).await?;
+        let (hasher, from) = match pieces.first() {
+            Some(first) => match FileHasher::restore(&row.hash_state) {
+                Ok(state) if self.covers(first, &row.hash_state).await? => (state, first.end()),
+                _ => (FileHasher::new(), 0),
+            },
+            None => (FileHasher::new(), 0),
+        };
+        let length = row.length.unwrap_or(row.offset);
+        let upload = Upload::from(row.clone());
+        let stream = if from < length { Some(self.download(&upload, Some(from..length)).await?.stream) } else { None };
+
+        // Hashing runs on a blocking thread, fed through a bounded queue while the stream reads on.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+        let hashing = tokio::task::spawn_blocking(move || {
+            let mut hasher = hasher;
+            let mut hashed = 0u64;
+            while let Some(chunk) = rx.blocking_recv() {
+                hashed += chunk.len() as u64;
+                hasher.update(&chunk);
+            }
+            (hasher, hashed)
+        });
+        let renew = self.renew_lease(row.id, lease_until);
+        let read = async {
+            if let Some(mut stream) = stream {
+                while let Some(chunk) = stream.next().await {
+                    if tx.send(chunk?).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            drop(tx);
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        renew.abort();
+        let (hasher, hashed) = hashing.await?;
+        read?;
+        if from + hashed != length {
+            anyhow::bail!("read {} bytes of upload {} but it has {length}", from + hashed, row.id);
+        }
+        let sha256 = hasher.finish();
+        let done = UploadRow { sha256: Some(sha256), ..row.clone() };
+        let events = [self.event(super::events::EventKind::Completed, &done)];
+        if self.repo.record_digest(row.id, sha256, now_ms(), &events).await? {
+            tracing::info!(upload = %row.id, length, "final upload's SHA-256 computed");
+        }
+        Ok(())
+    }
+
+    /// True when `hash_state` is the first piece's partial upload's own state after its last
+    /// byte, which the final upload took over at creation.
+    async fn covers(&self, first: &Piece, hash_state: &[u8]) -> anyhow::Result<bool> {
+        Ok(self
+            .repo
+            .get(first.upload)
+            .await?
+            .is_some_and(|partial| partial.hash_state == hash_state && partial.offset == first.size))
+    }
+
+    /// Renews a completion lease while a job runs, so that a long job is not taken over.
+    fn renew_lease(&self, id: super::types::UploadId, lease_until: i64) -> JoinHandle<()> {
+        let repo = self.repo.clone();
+        tokio::spawn(async move {
+            let mut held = lease_until;
+            loop {
+                tokio::time::sleep(COMPLETION_LEASE / 3).await;
+                let next = now_ms() + COMPLETION_LEASE.as_millis() as i64;
+                match repo.renew_completion(id, held, next).await {
+                    Ok(true) => held = next,
+                    _ => break,
+                }
+            }
+        })
     }
 }

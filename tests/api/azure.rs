@@ -183,3 +183,9 @@ async fn redirect_without_signing_credentials_is_refused_at_start() {
         "the error should name the flag and the way out:\n{stderr}"
     );
 }
+
+/// Concatenation on Azure: the final upload is read from the partials' blobs, on both instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concatenation_reads_the_partials() {
+    crate::cluster::concatenation_across_instances(Storage::Azure).await;
+}

@@ -440,17 +440,19 @@ async fn tusjs_resumes_an_upload_cut_off_mid_request(backend: Backend) {
 async fn tusjs_parallel_uploads_are_concatenated(backend: Backend) {
     let node = require_tusjs().await;
     let app = TestApp::spawn(backend).await;
-    let ws = Workspace::new(FILE_SIZE, 206);
+    // 64 MiB in four partial uploads, as tus-js-client sends the largest files.
+    const PARALLEL_SIZE: usize = 64 * 1024 * 1024 + 4097;
+    let ws = Workspace::new(PARALLEL_SIZE, 206);
     let name = "parallel.bin";
 
-    let run = run_client(&node, "tusjs_upload.mjs", &with(ws.args(&app, CHUNK, name), &["--parallel", "2"])).await;
+    let run = run_client(&node, "tusjs_upload.mjs", &with(ws.args(&app, CHUNK, name), &["--parallel", "4"])).await;
 
     assert_eq!(run.text("complete"), "true");
     assert_eq!(run.number("retries"), 0);
-    assert_eq!(run.number("posts"), 3, "two partial uploads and the final one");
-    assert_eq!(run.number("sent"), FILE_SIZE as u64);
+    assert_eq!(run.number("posts"), 5, "four partial uploads and the final one");
+    assert_eq!(run.number("sent"), PARALLEL_SIZE as u64);
     let partials = run.all("partial");
-    assert_eq!(partials.len(), 2, "{partials:?}");
+    assert_eq!(partials.len(), 4, "{partials:?}");
 
     let mut total = 0;
     for partial in &partials {
@@ -461,7 +463,7 @@ async fn tusjs_parallel_uploads_are_concatenated(backend: Backend) {
         assert_eq!(header(&head, "upload-offset"), length.to_string(), "partial {partial} is complete");
         total += length;
     }
-    assert_eq!(total, FILE_SIZE as u64, "the partial uploads split the file");
+    assert_eq!(total, PARALLEL_SIZE as u64, "the partial uploads split the file");
 
     let sent_concat = run.text("final_concat");
     let asked: Vec<&str> = sent_concat.strip_prefix("final;").unwrap().split_whitespace().collect();
@@ -482,15 +484,22 @@ async fn tusjs_parallel_uploads_are_concatenated(backend: Backend) {
     let expected: Vec<&str> = asked.iter().map(|url| url.strip_prefix(app.base.as_str()).unwrap()).collect();
     assert_eq!(echoed, expected, "Upload-Concat of the final upload");
 
-    // The server assembles a final upload in the background: wait until it says it is complete.
-    wait_for("the final upload to be assembled", Duration::from_secs(30), || async {
-        let head = app.head(&run.url).await;
-        head.status() == 200
-            && head.headers().get("upload-offset").map(|v| v.as_bytes()) == Some(FILE_SIZE.to_string().as_bytes())
+    // Complete as soon as it is created (read from the partials, nothing copied); a range
+    // across the first partial's end is byte-exact at once.
+    let head = app.head(&run.url).await;
+    assert_eq!(header(&head, "upload-offset"), PARALLEL_SIZE.to_string(), "never a short offset");
+    let first: u64 = header(&app.head(&partials[0]).await, "upload-length").parse().unwrap();
+    let (from, to) = (first as usize - 100, first as usize + 100);
+    let across = app.client.get(&run.url).header("Range", format!("bytes={from}-{}", to - 1)).send().await.unwrap();
+    assert_eq!(across.status(), 206);
+    assert!(across.bytes().await.unwrap().as_ref() == &ws.data[from..to], "bytes across the first partial's end");
+    // The whole-file SHA-256 is computed in the background.
+    wait_for("the final upload's SHA-256", Duration::from_secs(60), || async {
+        app.head(&run.url).await.headers().contains_key("repr-digest")
     })
     .await;
     assert_stored(&app, &run.url, &ws.data, name).await;
-    assert_eq!(app.upload_count().await, 3);
+    assert_eq!(app.upload_count().await, 5);
 }
 
 // ---------------------------------------------------------------- tus-js-client, IETF draft

@@ -616,7 +616,88 @@ cluster_tests!(
     sigkill_mid_patch,
     sigterm_lets_requests_finish,
     ietf_uploads_move_between_instances,
+    concatenation_across_instances,
 );
+
+/// Two partial uploads of more than 64 MiB, each sent through another instance in 8 MiB chunks,
+/// and a final upload created on the second: complete on both instances right after the 201
+/// (offset == length, nothing copied), GET and a Range across the partials' boundary byte-exact
+/// everywhere, the SHA-256 the file's once the background job has computed it. Terminating a
+/// partial leaves the final upload whole; deleting the final upload then frees that partial's
+/// bytes and leaves the other partial's.
+pub(crate) async fn concatenation_across_instances(storage: Storage) {
+    let cluster = Cluster::start(storage, 2, &[]).await;
+    let parts = [random_bytes(64 * MIB + 1_234, 31), random_bytes(64 * MIB - 77, 32)];
+    let whole: Vec<u8> = parts.concat();
+    let mut partials = Vec::new();
+    for (node, data) in cluster.nodes.iter().zip(&parts) {
+        let response = node
+            .client
+            .post(&node.files)
+            .header("Tus-Resumable", "1.0.0")
+            .header("Upload-Length", data.len().to_string())
+            .header("Upload-Concat", "partial")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        let url = header(&response, "location");
+        let mut offset = 0;
+        for chunk in data.chunks(8 * MIB) {
+            let response = node.patch(&url, offset as u64, chunk.to_vec()).await;
+            assert_eq!(response.status(), 204, "{}", response.text().await.unwrap_or_default());
+            offset += chunk.len();
+        }
+        partials.push(url);
+    }
+    let node = &cluster.nodes[1];
+    let response = node
+        .client
+        .post(&node.files)
+        .header("Tus-Resumable", "1.0.0")
+        .header("Upload-Concat", format!("final;{} {}", partials[0], partials[1]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201, "{}", response.text().await.unwrap_or_default());
+    let url = header(&response, "location");
+    let boundary = parts[0].len();
+    for node in &cluster.nodes {
+        assert_eq!(node.offset(&url).await, whole.len() as u64, "complete at once on {}", node.name);
+        let across = node
+            .client
+            .get(node.at(&url))
+            .header("Range", format!("bytes={}-{}", boundary - 3000, boundary + 2999))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(across.status(), 206);
+        assert!(
+            across.bytes().await.unwrap().as_ref() == &whole[boundary - 3000..boundary + 3000],
+            "range on {}",
+            node.name
+        );
+        assert_same_bytes("the final upload", &node.download(&url).await, &whole);
+    }
+    let want = format!("sha-256=:{}:", crate::helpers::sha256_b64(&whole));
+    wait_for("the final upload's SHA-256", Duration::from_secs(60), || async {
+        node.head(&url).await.headers().get("repr-digest").is_some_and(|d| d.to_str().unwrap() == want)
+    })
+    .await;
+
+    let first = &cluster.nodes[0];
+    assert_eq!(first.tus(Method::DELETE, &partials[0]).send().await.unwrap().status(), 204);
+    assert_same_bytes("the final upload after its partial was terminated", &first.download(&url).await, &whole);
+    assert_eq!(first.tus(Method::DELETE, &url).send().await.unwrap().status(), 204);
+    let inventory = cluster.store_inventory().await;
+    let kept = |id: &str| inventory.iter().any(|line| line.contains(id));
+    assert!(
+        !kept(upload_id(&partials[0])),
+        "the terminated partial's bytes are freed with the final upload: {inventory:?}"
+    );
+    assert!(kept(upload_id(&partials[1])), "the live partial keeps its bytes: {inventory:?}");
+    assert_same_bytes("the other partial", &first.download(&partials[1]).await, &parts[1]);
+}
 
 /// An upload created with the IETF draft on one instance is resumed on the other (HEAD, PATCH
 /// alternate), completes byte-exact, and a tus client on either sees the same upload.

@@ -5,7 +5,7 @@ use std::time::Duration;
 use reqwest::Method;
 
 use crate::backend_tests;
-use crate::helpers::{Backend, TestApp, header, random_bytes, sha256_b64, wait_for};
+use crate::helpers::{Backend, TestApp, header, random_bytes, sha256_b64, upload_id, wait_for};
 
 async fn options_advertise_the_protocol(backend: Backend) {
     let app = TestApp::spawn(backend).await;
@@ -190,34 +190,46 @@ async fn concatenation(backend: Backend) {
     assert_eq!(response.status(), 201, "{:?}", response.text().await);
     let url = header(&response, "location");
     let whole: Vec<u8> = [first, second].concat();
-    // Right after the 201: never a short offset. Either assembled (offset == length) or no
-    // offset at all, and then GET says to ask again shortly.
+    // Right after the 201 the final upload is complete: it is read from its partials' objects,
+    // nothing is copied. HEAD shows offset == length, GET and a Range across the boundary work.
     let head = app.head(&url).await;
-    match head.headers().get("upload-offset") {
-        Some(offset) => assert_eq!(offset.to_str().unwrap(), whole.len().to_string(), "a final upload's offset"),
-        None => {
-            let early = app.client.get(&url).send().await.unwrap();
-            if early.status() != 200 {
-                assert_eq!(early.status(), 409);
-                assert_eq!(header(&early, "retry-after"), "1");
-            }
-        }
-    }
-
-    wait_for("the final upload to be assembled", Duration::from_secs(30), || async {
-        let head = app.head(&url).await;
-        head.headers().get("upload-offset").is_some_and(|o| o.to_str().unwrap() == whole.len().to_string())
-    })
-    .await;
-    let head = app.head(&url).await;
+    assert_eq!(header(&head, "upload-offset"), whole.len().to_string(), "a final upload's offset");
     assert_eq!(header(&head, "upload-length"), whole.len().to_string());
     assert!(header(&head, "upload-concat").starts_with("final;"));
-    assert_eq!(header(&head, "repr-digest"), format!("sha-256=:{}:", sha256_b64(&whole)));
     assert_eq!(app.download(&url).await, whole);
+    let across = app.client.get(&url).header("Range", "bytes=199990-200009").send().await.unwrap();
+    assert_eq!(across.status(), 206);
+    assert_eq!(across.bytes().await.unwrap().as_ref(), &whole[199_990..200_010]);
+
+    // The whole-file SHA-256 comes from a background job.
+    wait_for("the final upload's SHA-256", Duration::from_secs(30), || async {
+        app.head(&url).await.headers().contains_key("repr-digest")
+    })
+    .await;
+    assert_eq!(header(&app.head(&url).await, "repr-digest"), format!("sha-256=:{}:", sha256_b64(&whole)));
 
     // A final upload cannot be appended to.
     let response = app.patch(&url, whole.len() as u64, vec![1u8]).await;
     assert_eq!(response.status(), 403);
+
+    // Terminating a partial upload does not break the final upload that reads it.
+    assert_eq!(app.tus(Method::DELETE, &partials[0]).send().await.unwrap().status(), 204);
+    assert_eq!(app.head(&partials[0]).await.status(), 410);
+    assert_eq!(app.download(&url).await, whole);
+
+    // Deleting the final upload frees what only it used: the terminated partial's bytes, not
+    // the other partial's, which is still an upload of its own.
+    let stored = |partial: &str| app.store_dir.join("uploads").join(upload_id(partial));
+    let local = app.backend != Backend::S3;
+    if local {
+        assert!(stored(&partials[0]).exists(), "the terminated partial's bytes stay while the final upload reads them");
+    }
+    assert_eq!(app.tus(Method::DELETE, &url).send().await.unwrap().status(), 204);
+    if local {
+        assert!(!stored(&partials[0]).exists(), "the terminated partial's bytes are freed with the final upload");
+        assert!(stored(&partials[1]).exists(), "a live partial upload keeps its bytes");
+    }
+    assert_eq!(app.download(&partials[1]).await.len(), 123_457);
 }
 
 async fn concatenation_refuses_unfinished_partials(backend: Backend) {

@@ -219,7 +219,9 @@ const options = {
       if (req.getHeader('Upload-Concat') === 'partial') {
         stats.partials.push(new URL(res.getHeader('Location'), args.endpoint).toString())
       }
-      if (offset !== null && offset > 0) {
+      // A final upload's 201 reports the concatenated length: those bytes came in the partials.
+      const final = req.getHeader('Upload-Concat')?.startsWith('final;')
+      if (offset !== null && offset > 0 && !final) {
         stats.post_offset = offset
         stats.sent += offset
       }

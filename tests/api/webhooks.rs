@@ -127,6 +127,53 @@ async fn completed_upload_events(backend: Backend) {
     assert!(!verify(&tampered));
 }
 
+/// A final upload is complete in its 201, but `upload.completed` waits for its whole-file
+/// SHA-256 (computed in the background) and comes once, with the digest; its `location` is null
+/// (its bytes are the partials' objects) and its `url` downloads the whole.
+async fn a_final_upload_is_announced_once_with_its_digest(backend: Backend) {
+    let (receiver, url) = Receiver::start(Vec::new()).await;
+    let app = spawn_with_hook(backend, &url).await;
+    let mut partials = Vec::new();
+    for part in ["hello ", "world"] {
+        let response = app
+            .tus(Method::POST, &app.files)
+            .header("Upload-Length", part.len().to_string())
+            .header("Upload-Concat", "partial")
+            .send()
+            .await
+            .unwrap();
+        let partial = crate::helpers::header(&response, "location");
+        assert_eq!(app.patch(&partial, 0, part).await.status(), 204);
+        partials.push(partial);
+    }
+    let response = app
+        .tus(Method::POST, &app.files)
+        .header("Upload-Concat", format!("final;{} {}", partials[0], partials[1]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let upload = crate::helpers::header(&response, "location");
+    let id = upload.rsplit('/').next().unwrap().to_string();
+    let of_final = |all: Vec<Delivery>| -> Vec<Delivery> {
+        all.into_iter().filter(|d| d.json()["data"]["id"] == id.as_str()).collect()
+    };
+    wait_for("the final upload's upload.completed", Duration::from_secs(20), || async {
+        of_final(receiver.all()).iter().any(|d| d.kind() == "upload.completed")
+    })
+    .await;
+    let deliveries = of_final(receiver.all());
+    let kinds: Vec<String> = deliveries.iter().map(|d| d.kind().to_string()).collect();
+    assert_eq!(kinds, ["upload.created", "upload.completed"], "{deliveries:?}");
+    let data = &deliveries[1].json()["data"];
+    assert_eq!(data["size"], 11);
+    assert_eq!(data["offset"], 11);
+    assert_eq!(data["sha256"], "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9");
+    assert!(data["location"].is_null(), "{data}");
+    assert!(data["url"].as_str().unwrap().ends_with(&format!("/files/{id}")));
+    assert_eq!(app.download(&upload).await, b"hello world");
+}
+
 /// Runs curl with `args`; returns its exit code and what it wrote to stdout.
 async fn curl(args: &[&str]) -> (i32, String) {
     let output = tokio::process::Command::new("curl")
@@ -326,6 +373,7 @@ async fn expiry_is_an_event(backend: Backend) {
 
 db_backend_tests!(
     completed_upload_events,
+    a_final_upload_is_announced_once_with_its_digest,
     curl_resumes_an_interrupted_post_and_the_app_hears_once,
     failures_are_retried_in_order,
     gone_receiver_stops_and_cli_redelivers,

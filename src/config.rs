@@ -242,8 +242,9 @@ pub struct ServeArgs {
     pub sweep_interval: Duration,
 
     /// How old a staged object (object stores) that no upload points to must be before the
-    /// sweeper deletes it: younger ones may belong to a request still committing. Longer than
-    /// any append takes to commit.
+    /// sweeper deletes it: younger ones may belong to a request still committing. Also how long
+    /// after deleting a gone upload's bytes the sweeper deletes them once more, for a writer that
+    /// was still sending then. Longer than any append takes to commit.
     #[arg(long, env = "FERRY_ORPHAN_AGE", default_value = "10m", value_parser = parse_duration)]
     pub orphan_age: Duration,
 

@@ -189,9 +189,19 @@ pub trait Repo: Send + Sync + 'static {
     /// upload still reads).
     async fn pending_deletions(&self, limit: i64) -> Result<Vec<UploadId>>;
 
-    async fn mark_bytes_deleted(&self, id: UploadId) -> Result<()>;
+    /// Records that an upload's bytes were deleted, and when to delete them once more (see
+    /// [`Repo::pending_rechecks`]).
+    async fn mark_bytes_deleted(&self, id: UploadId, recheck_at: i64) -> Result<()>;
 
-    /// Forgets terminated and expired uploads (whose bytes are gone) last changed before `before`.
+    /// Terminated or expired uploads whose bytes were deleted and are due to be deleted once more
+    /// (by `now`), in case a writer that was already sending landed a part after the first time.
+    async fn pending_rechecks(&self, now: i64, limit: i64) -> Result<Vec<UploadId>>;
+
+    /// Records the second deletion of an upload's bytes.
+    async fn mark_rechecked(&self, id: UploadId) -> Result<()>;
+
+    /// Forgets terminated and expired uploads (whose bytes are gone, twice) last changed before
+    /// `before`.
     async fn purge_gone(&self, before: i64) -> Result<u64>;
 
     /// Claims one background completion job not held by a live lease: an upload in state

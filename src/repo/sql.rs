@@ -266,6 +266,20 @@ macro_rules! durable_tx {
     }};
 }
 
+/// One guarded UPDATE (which has to change exactly one row) and the outbox events it causes, in
+/// one transaction. Evaluates to `Ok(false)`, changing nothing, when the guard does not hold.
+macro_rules! guarded_update {
+    ($pool:expr, $durable:literal, $query:expr, $events:expr) => {{
+        let mut tx = durable_tx!($pool, $durable);
+        if $query.execute(&mut *tx).await?.rows_affected() != 1 {
+            return Ok(false);
+        }
+        insert_events!(tx, $events);
+        tx.commit().await?;
+        Ok(true)
+    }};
+}
+
 macro_rules! sql_repo {
     ($repo:ty, $migrations:literal, $skip_locked:literal, $durable:literal) => {
 
@@ -493,22 +507,18 @@ macro_rules! sql_repo {
             }
 
             async fn terminate(&self, id: UploadId, now: i64, events: &[NewEvent]) -> Result<bool> {
-                let mut tx = durable_tx!(self.pool, $durable);
-                let result = sqlx::query(
-                    "UPDATE uploads SET state = 'terminated', updated_at = $2, expires_at = NULL, \
-                     write_gen = write_gen + 1 \
-                     WHERE id = $1 AND state IN ('receiving', 'completing', 'completed')",
+                guarded_update!(
+                    self.pool,
+                    $durable,
+                    sqlx::query(
+                        "UPDATE uploads SET state = 'terminated', updated_at = $2, expires_at = NULL, \
+                         write_gen = write_gen + 1 \
+                         WHERE id = $1 AND state IN ('receiving', 'completing', 'completed')",
+                    )
+                    .bind(id.uuid())
+                    .bind(now),
+                    events
                 )
-                .bind(id.uuid())
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                if result.rows_affected() != 1 {
-                    return Ok(false);
-                }
-                insert_events!(tx, events);
-                tx.commit().await?;
-                Ok(true)
             }
 
             async fn expiring(&self, now: i64, limit: i64) -> Result<Vec<UploadRow>> {
@@ -524,21 +534,17 @@ macro_rules! sql_repo {
             }
 
             async fn expire(&self, id: UploadId, now: i64, events: &[NewEvent]) -> Result<bool> {
-                let mut tx = durable_tx!(self.pool, $durable);
-                let result = sqlx::query(
-                    "UPDATE uploads SET state = 'expired', updated_at = $2, write_gen = write_gen + 1 \
-                     WHERE id = $1 AND state = 'receiving' AND expires_at < $2",
+                guarded_update!(
+                    self.pool,
+                    $durable,
+                    sqlx::query(
+                        "UPDATE uploads SET state = 'expired', updated_at = $2, write_gen = write_gen + 1 \
+                         WHERE id = $1 AND state = 'receiving' AND expires_at < $2",
+                    )
+                    .bind(id.uuid())
+                    .bind(now),
+                    events
                 )
-                .bind(id.uuid())
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                if result.rows_affected() != 1 {
-                    return Ok(false);
-                }
-                insert_events!(tx, events);
-                tx.commit().await?;
-                Ok(true)
             }
 
             async fn pending_deletions(&self, limit: i64) -> Result<Vec<UploadId>> {
@@ -554,8 +560,29 @@ macro_rules! sql_repo {
                 rows.iter().map(|row| Ok(UploadId::from_uuid(row.try_get("id")?))).collect()
             }
 
-            async fn mark_bytes_deleted(&self, id: UploadId) -> Result<()> {
-                sqlx::query("UPDATE uploads SET bytes_deleted = TRUE WHERE id = $1")
+            async fn mark_bytes_deleted(&self, id: UploadId, recheck_at: i64) -> Result<()> {
+                sqlx::query("UPDATE uploads SET bytes_deleted = TRUE, bytes_recheck_at = $2 WHERE id = $1")
+                    .bind(id.uuid())
+                    .bind(recheck_at)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn pending_rechecks(&self, now: i64, limit: i64) -> Result<Vec<UploadId>> {
+                let rows = sqlx::query(
+                    "SELECT id FROM uploads WHERE bytes_recheck_at IS NOT NULL AND bytes_recheck_at <= $1 \
+                     AND state IN ('terminated', 'expired') AND bytes_deleted LIMIT $2",
+                )
+                .bind(now)
+                .bind(limit)
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter().map(|row| Ok(UploadId::from_uuid(row.try_get("id")?))).collect()
+            }
+
+            async fn mark_rechecked(&self, id: UploadId) -> Result<()> {
+                sqlx::query("UPDATE uploads SET bytes_recheck_at = NULL WHERE id = $1")
                     .bind(id.uuid())
                     .execute(&self.pool)
                     .await?;
@@ -565,7 +592,7 @@ macro_rules! sql_repo {
             async fn purge_gone(&self, before: i64) -> Result<u64> {
                 let result = sqlx::query(
                     "DELETE FROM uploads WHERE state IN ('terminated', 'expired') AND bytes_deleted \
-                     AND updated_at < $1",
+                     AND bytes_recheck_at IS NULL AND updated_at < $1",
                 )
                 .bind(before)
                 .execute(&self.pool)
@@ -606,23 +633,19 @@ macro_rules! sql_repo {
                 now: i64,
                 events: &[NewEvent],
             ) -> Result<bool> {
-                let mut tx = durable_tx!(self.pool, $durable);
-                let result = sqlx::query(
-                    "UPDATE uploads SET state = 'completed', upload_offset = length, sha256 = COALESCE($2, sha256), \
-                     claimed_until = NULL, updated_at = $3, expires_at = NULL \
-                     WHERE id = $1 AND state = 'completing'",
+                guarded_update!(
+                    self.pool,
+                    $durable,
+                    sqlx::query(
+                        "UPDATE uploads SET state = 'completed', upload_offset = length, sha256 = COALESCE($2, sha256), \
+                         claimed_until = NULL, updated_at = $3, expires_at = NULL \
+                         WHERE id = $1 AND state = 'completing'",
+                    )
+                    .bind(id.uuid())
+                    .bind(sha256.map(|h| h.to_vec()))
+                    .bind(now),
+                    events
                 )
-                .bind(id.uuid())
-                .bind(sha256.map(|h| h.to_vec()))
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                if result.rows_affected() != 1 {
-                    return Ok(false);
-                }
-                insert_events!(tx, events);
-                tx.commit().await?;
-                Ok(true)
             }
 
             async fn pieces(&self, id: UploadId) -> Result<Vec<Piece>> {
@@ -670,22 +693,18 @@ macro_rules! sql_repo {
             }
 
             async fn record_digest(&self, id: UploadId, sha256: [u8; 32], now: i64, events: &[NewEvent]) -> Result<bool> {
-                let mut tx = durable_tx!(self.pool, $durable);
-                let result = sqlx::query(
-                    "UPDATE uploads SET sha256 = $2, claimed_until = NULL, updated_at = $3 \
-                     WHERE id = $1 AND state = 'completed' AND sha256 IS NULL",
+                guarded_update!(
+                    self.pool,
+                    $durable,
+                    sqlx::query(
+                        "UPDATE uploads SET sha256 = $2, claimed_until = NULL, updated_at = $3 \
+                         WHERE id = $1 AND state = 'completed' AND sha256 IS NULL",
+                    )
+                    .bind(id.uuid())
+                    .bind(sha256.to_vec())
+                    .bind(now),
+                    events
                 )
-                .bind(id.uuid())
-                .bind(sha256.to_vec())
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                if result.rows_affected() != 1 {
-                    return Ok(false);
-                }
-                insert_events!(tx, events);
-                tx.commit().await?;
-                Ok(true)
             }
 
             async fn claim_event(&self, now: i64, lease_until: i64) -> Result<Option<EventRow>> {

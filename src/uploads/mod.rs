@@ -637,12 +637,24 @@ impl Uploads {
         };
         match self.store.delete(id, &store, &staged).await {
             Ok(()) => {
-                if let Err(e) = self.repo.mark_bytes_deleted(id).await {
+                let recheck_at = now_ms() + self.settings.orphan_age.as_millis() as i64;
+                if let Err(e) = self.repo.mark_bytes_deleted(id, recheck_at).await {
                     tracing::warn!(upload = %id, error = %e, "could not record deleted bytes");
                 }
             }
             Err(e) => tracing::warn!(upload = %id, error = %e, "could not delete bytes; the sweeper will retry"),
         }
+    }
+
+    /// Deletes a gone upload's bytes a second time, `--orphan-age` after the first: a writer that
+    /// was already sending when they were first deleted (on another instance, say) may have
+    /// landed a part since, which no row points to. On Azure such a block would otherwise stay
+    /// uncommitted for a week; on local disk the file would be back.
+    async fn delete_late_parts(&self, id: UploadId) -> Result<()> {
+        let Some(row) = self.repo.get(id).await? else { return Ok(()) };
+        self.store.delete(id, &row.store, &[]).await?;
+        self.repo.mark_rechecked(id).await?;
+        Ok(())
     }
 
     /// A completed upload (as `owner` may see it); 409 for one still in progress.
@@ -714,6 +726,15 @@ impl Uploads {
                 self.delete_bytes(*id).await;
             }
             if pending.len() < 100 {
+                break;
+            }
+        }
+        loop {
+            let due = self.repo.pending_rechecks(now, 100).await?;
+            for id in &due {
+                self.delete_late_parts(*id).await?;
+            }
+            if due.len() < 100 {
                 break;
             }
         }

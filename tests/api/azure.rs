@@ -104,11 +104,17 @@ async fn range_downloads() {
 /// DELETE and expiry leave nothing in the container: neither the staged chunks nor the blocks
 /// already put. Azure cannot abort a block upload (object_store's abort does nothing, and the
 /// blocks would stay for a week): ferry commits an empty block list, which discards them, and
-/// deletes the empty blob. Instance A keeps idle uploads for 24 h, B for 2 s: an append through
-/// B lets its upload expire 2 s after it ends.
+/// deletes the empty blob. A block a late writer puts after that (one that was already sending
+/// when the upload was deleted) is dropped by the sweeper's second deletion, `--orphan-age`
+/// later. Instance A keeps idle uploads for 24 h, B for 2 s: an append through B lets its upload
+/// expire 2 s after it ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_and_expire_leave_nothing() {
-    let cluster = Cluster::start_nodes(Storage::Azure, &[&[], &["--expire-after", "2s"]]).await;
+    let cluster = Cluster::start_nodes(
+        Storage::Azure,
+        &[&["--orphan-age", "2s"], &["--expire-after", "2s", "--orphan-age", "2s"]],
+    )
+    .await;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let kept = random_bytes(3 * MIB + 5, 60);
     let kept_url = upload_in_chunks(a, &kept, kept.len()).await;
@@ -136,6 +142,15 @@ async fn terminate_and_expire_leave_nothing() {
     let response = a.tus(Method::DELETE, &terminated).send().await.expect("DELETE");
     assert_eq!(response.status(), 204, "terminating");
     assert_eq!(a.head(&terminated).await.status(), 410);
+    let container = cluster.container.as_ref().unwrap();
+    let terminated_key = format!("ferry/uploads/{id}");
+    let late_blocks = || async {
+        container.uncommitted_blocks().await.into_iter().filter(|(name, _)| *name == terminated_key).count()
+    };
+    container.put_block(&terminated_key).await;
+    assert_eq!(late_blocks().await, 1, "the late writer's block is there before the sweeper's second pass");
+    wait_for("the sweeper to drop the late block", Duration::from_secs(30), || async { late_blocks().await == 0 })
+        .await;
     wait_for("the idle upload to expire", Duration::from_secs(30), || async {
         a.head(&expiring).await.status() == 410
     })
@@ -144,7 +159,6 @@ async fn terminate_and_expire_leave_nothing() {
 
     // The blocks are gone, not only out of sight: a new block put on the same blob finds none
     // of the old ones beside it.
-    let container = cluster.container.as_ref().unwrap();
     for url in [&terminated, &expiring] {
         let key = format!("ferry/uploads/{}", upload_id(url));
         container.put_block(&key).await;

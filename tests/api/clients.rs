@@ -572,3 +572,14 @@ async fn tusjs_ietf_upload(backend: Backend, protocol: &str, seed: u64) {
     assert_stored(&app, &first.url, &ws.data, &name).await;
     assert_eq!(app.upload_count().await, 1);
 }
+
+/// tus-js-client's parallel uploads on Azure Blob Storage (Azurite): the final upload reads the
+/// partials' blobs, as on local disk and S3.
+mod azure {
+    use crate::helpers::Backend;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tusjs_parallel_uploads_are_concatenated() {
+        super::tusjs_parallel_uploads_are_concatenated(Backend::Azure).await
+    }
+}

@@ -631,17 +631,7 @@ pub(crate) async fn concatenation_across_instances(storage: Storage) {
     let whole: Vec<u8> = parts.concat();
     let mut partials = Vec::new();
     for (node, data) in cluster.nodes.iter().zip(&parts) {
-        let response = node
-            .client
-            .post(&node.files)
-            .header("Tus-Resumable", "1.0.0")
-            .header("Upload-Length", data.len().to_string())
-            .header("Upload-Concat", "partial")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
-        let url = header(&response, "location");
+        let url = node.create_partial(data.len() as u64).await;
         let mut offset = 0;
         for chunk in data.chunks(8 * MIB) {
             let response = node.patch(&url, offset as u64, chunk.to_vec()).await;

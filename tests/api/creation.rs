@@ -165,15 +165,7 @@ async fn concatenation(backend: Backend) {
     let second = random_bytes(123_457, 5);
     let mut partials = Vec::new();
     for data in [&first, &second] {
-        let response = app
-            .tus(Method::POST, &app.files)
-            .header("Upload-Length", data.len().to_string())
-            .header("Upload-Concat", "partial")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201);
-        let url = header(&response, "location");
+        let url = app.create_partial(data.len() as u64).await;
         assert_eq!(app.patch(&url, 0, data.to_vec()).await.status(), 204);
         assert_eq!(header(&app.head(&url).await, "upload-concat"), "partial");
         partials.push(url);
@@ -234,14 +226,7 @@ async fn concatenation(backend: Backend) {
 
 async fn concatenation_refuses_unfinished_partials(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let response = app
-        .tus(Method::POST, &app.files)
-        .header("Upload-Length", "10")
-        .header("Upload-Concat", "partial")
-        .send()
-        .await
-        .unwrap();
-    let partial = header(&response, "location");
+    let partial = app.create_partial(10).await;
     let plain = app.create(10).await;
     let before = app.upload_count().await;
     for (list, needle) in [(partial.clone(), "not complete"), (plain, "not a partial")] {

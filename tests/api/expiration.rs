@@ -59,3 +59,25 @@ async fn orphaned_staged_objects_go_after_orphan_age() {
     assert_eq!(app.patch(&url, 1 << 20, data[1 << 20..].to_vec()).await.status(), 204);
     assert_eq!(app.download(&url).await, data);
 }
+
+/// A writer that was already sending when its upload was terminated (on another instance, say)
+/// may still land bytes afterwards, on local disk by recreating the file. The sweeper deletes a
+/// gone upload's bytes once more, `--orphan-age` after the first time, and only then forgets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_bytes_of_a_terminated_upload_are_deleted_again() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |args| {
+        args.orphan_age = Duration::from_secs(2);
+        args.sweep_interval = Duration::from_secs(1);
+    })
+    .await;
+    let url = app.create(100).await;
+    assert_eq!(app.patch(&url, 0, vec![1u8; 40]).await.status(), 204);
+    assert_eq!(app.tus(Method::DELETE, &url).send().await.unwrap().status(), 204);
+    let id = url.rsplit('/').next().unwrap().to_string();
+    let file = app.store_dir.join("uploads").join(&id);
+    assert!(!file.exists(), "DELETE removes the file at once");
+
+    std::fs::write(&file, vec![2u8; 60]).expect("the late writer's file");
+    wait_for("the sweeper's second deletion", Duration::from_secs(30), || async { !file.exists() }).await;
+    assert_eq!(app.head(&url).await.status(), 410, "the tombstone stays");
+}

@@ -51,6 +51,8 @@ pub enum Backend {
     Postgres,
     /// PostgreSQL and an S3 store (a fresh bucket on FERRY_TEST_S3_ENDPOINT).
     S3,
+    /// PostgreSQL and Azure Blob Storage (a fresh container on FERRY_TEST_AZURE_ENDPOINT).
+    Azure,
 }
 
 pub struct TestApp {
@@ -65,6 +67,8 @@ pub struct TestApp {
     pub backend: Backend,
     /// The bucket of an S3 test.
     pub bucket: Option<S3Bucket>,
+    /// The container of an Azure test.
+    pub container: Option<AzureContainer>,
     _dir: tempfile::TempDir,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -80,7 +84,7 @@ fn init_logging() {
 pub async fn fresh_database(backend: Backend, dir: &std::path::Path) -> String {
     match backend {
         Backend::Sqlite => format!("sqlite://{}", dir.join("ferry.db").display()),
-        Backend::Postgres | Backend::S3 => {
+        Backend::Postgres | Backend::S3 | Backend::Azure => {
             use sqlx::{Connection, Executor};
             let admin = std::env::var("FERRY_TEST_POSTGRES")
                 .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
@@ -128,9 +132,19 @@ impl TestApp {
             }
             _ => None,
         };
+        let container = match backend {
+            Backend::Azure => {
+                let container = AzureContainer::create().await;
+                args.store = Some(container.store_url());
+                args.store_options = azurite::store_options(&container.endpoint);
+                Some(container)
+            }
+            _ => None,
+        };
         configure(&mut args);
         let mut app = Self::start(backend, dir, db_url, args).await;
         app.bucket = bucket;
+        app.container = container;
         app
     }
 
@@ -154,6 +168,7 @@ impl TestApp {
             db_url,
             backend,
             bucket: None,
+            container: None,
             _dir: dir,
             shutdown: Some(tx),
             task: Some(task),
@@ -190,6 +205,19 @@ impl TestApp {
         let response =
             self.tus(Method::POST, &self.files).header("Upload-Length", length.to_string()).send().await.unwrap();
         assert_eq!(response.status(), 201, "create: {}", response.text().await.unwrap_or_default());
+        header(&response, "location")
+    }
+
+    /// Creates a partial upload (`Upload-Concat: partial`) of `length` bytes; its URL.
+    pub async fn create_partial(&self, length: u64) -> String {
+        let response = self
+            .tus(Method::POST, &self.files)
+            .header("Upload-Length", length.to_string())
+            .header("Upload-Concat", "partial")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "create a partial: {}", response.text().await.unwrap_or_default());
         header(&response, "location")
     }
 
@@ -237,7 +265,7 @@ impl TestApp {
     pub async fn wait_writing(&self, url: &str) {
         wait_for("the append to be writing", Duration::from_secs(20), || async {
             match self.backend {
-                Backend::S3 => generation(self, url).await >= 1,
+                Backend::S3 | Backend::Azure => generation(self, url).await >= 1,
                 _ => self.stored_bytes(url).len() >= 256 * 1024,
             }
         })
@@ -252,7 +280,7 @@ impl TestApp {
                 let mut conn = sqlx::SqliteConnection::connect(&self.db_url).await.unwrap();
                 sqlx::query_scalar("SELECT COUNT(*) FROM uploads").fetch_one(&mut conn).await.unwrap()
             }
-            Backend::Postgres | Backend::S3 => {
+            Backend::Postgres | Backend::S3 | Backend::Azure => {
                 let mut conn = sqlx::PgConnection::connect(&self.db_url).await.unwrap();
                 sqlx::query_scalar("SELECT COUNT(*) FROM uploads").fetch_one(&mut conn).await.unwrap()
             }
@@ -1144,6 +1172,22 @@ impl Node {
         header(&response, "location")
     }
 
+    /// Creates a partial upload (`Upload-Concat: partial`) of `length` bytes; its URL.
+    pub async fn create_partial(&self, length: u64) -> String {
+        let response = self
+            .client
+            .post(&self.files)
+            .header("Tus-Resumable", "1.0.0")
+            .header("Upload-Length", length.to_string())
+            .header("Upload-Concat", "partial")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST to {}: {e}", self.name));
+        let status = response.status();
+        assert_eq!(status, 201, "create a partial on {}: {}", self.name, response.text().await.unwrap_or_default());
+        header(&response, "location")
+    }
+
     /// A PATCH request, built but not sent.
     pub fn patch_request(&self, url: &str, offset: u64) -> RequestBuilder {
         self.tus(Method::PATCH, url)
@@ -1198,7 +1242,7 @@ async fn column(app: &TestApp, url: &str, name: &str) -> i64 {
             let mut conn = sqlx::SqliteConnection::connect(&app.db_url).await.unwrap();
             sqlx::query_scalar(&query).bind(id).fetch_one(&mut conn).await.unwrap()
         }
-        Backend::Postgres | Backend::S3 => {
+        Backend::Postgres | Backend::S3 | Backend::Azure => {
             let mut conn = sqlx::PgConnection::connect(&app.db_url).await.unwrap();
             sqlx::query_scalar(&query).bind(id).fetch_one(&mut conn).await.unwrap()
         }

@@ -135,14 +135,7 @@ async fn a_final_upload_is_announced_once_with_its_digest(backend: Backend) {
     let app = spawn_with_hook(backend, &url).await;
     let mut partials = Vec::new();
     for part in ["hello ", "world"] {
-        let response = app
-            .tus(Method::POST, &app.files)
-            .header("Upload-Length", part.len().to_string())
-            .header("Upload-Concat", "partial")
-            .send()
-            .await
-            .unwrap();
-        let partial = crate::helpers::header(&response, "location");
+        let partial = app.create_partial(part.len() as u64).await;
         assert_eq!(app.patch(&partial, 0, part).await.status(), 204);
         partials.push(partial);
     }

@@ -79,6 +79,12 @@ pub struct DatabaseArgs {
     /// Default: `sqlite://<data-dir>/ferry.db`.
     #[arg(long, env = "FERRY_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+
+    /// How long a request waits for a database connection, and how long one statement may run,
+    /// before the request is answered `503` with `Retry-After` (the database is down or
+    /// overloaded). `/readyz` answers within a second whatever this is.
+    #[arg(long, env = "FERRY_DATABASE_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub database_timeout: Duration,
 }
 
 impl DatabaseArgs {
@@ -115,6 +121,17 @@ pub struct ServeArgs {
     /// exactly this size (raised per upload when needed to stay within 10,000 parts; at least 5 MiB).
     #[arg(long, env = "FERRY_PART_SIZE", default_value = "8MiB", value_parser = parse_size)]
     pub part_size: u64,
+
+    /// Object stores: how long after a call's first attempt it is retried, with exponential
+    /// backoff and jitter, when the store answers 5xx or 429 (S3's `503 SlowDown`), resets the
+    /// connection or times out. Then the request gets `503` with `Retry-After`.
+    #[arg(long, env = "FERRY_STORE_RETRY_BUDGET", default_value = "10s", value_parser = parse_duration)]
+    pub store_retry_budget: Duration,
+
+    /// Object stores: how long one attempt of a store call may take before it counts as failed
+    /// (and is retried within `--store-retry-budget`). Long enough for one part to upload.
+    #[arg(long, env = "FERRY_STORE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub store_timeout: Duration,
 
     /// How completed uploads are downloaded: `stream` (through ferry) or `redirect` (a 302 to a
     /// short-lived presigned URL of the object store, where the store supports it).
@@ -237,6 +254,13 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_MEMORY_BUDGET", default_value = "64MiB", value_parser = parse_size)]
     pub memory_budget: u64,
 
+    /// Free space the local store's volume keeps: below it, bodies are refused with `507` and
+    /// `Retry-After` (creating without a body, HEAD, GET, DELETE and expiry go on working, and
+    /// the database on the same volume keeps room to record them), and `/readyz` says so. A
+    /// size, `0` for no reserve, or `auto`: 1 GiB or 5% of the volume, whichever is smaller.
+    #[arg(long, env = "FERRY_MIN_FREE_SPACE", default_value = "auto", value_parser = parse_min_free_space)]
+    pub min_free_space: MinFreeSpace,
+
     /// How often the background sweeper looks for expired uploads and leftover bytes.
     #[arg(long, env = "FERRY_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
@@ -286,6 +310,32 @@ impl ServeArgs {
             Some(store) => store.clone(),
             None => self.database.data_dir.join("store").display().to_string(),
         }
+    }
+}
+
+/// `--min-free-space`: the reserve of free space on the local store's volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinFreeSpace {
+    /// 1 GiB or 5% of the volume, whichever is smaller.
+    Auto,
+    Bytes(u64),
+}
+
+impl MinFreeSpace {
+    /// The reserve in bytes on a volume of `total` bytes.
+    pub fn of(self, total: u64) -> u64 {
+        match self {
+            Self::Auto => (1u64 << 30).min(total / 20),
+            Self::Bytes(bytes) => bytes,
+        }
+    }
+}
+
+fn parse_min_free_space(value: &str) -> Result<MinFreeSpace, String> {
+    match value.trim() {
+        "auto" => Ok(MinFreeSpace::Auto),
+        "0" => Ok(MinFreeSpace::Bytes(0)),
+        other => parse_size(other).map(MinFreeSpace::Bytes),
     }
 }
 
@@ -377,6 +427,18 @@ mod tests {
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999TiB").is_err());
         assert!(parse_size("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn free_space_reserves() {
+        assert_eq!(parse_min_free_space("auto"), Ok(MinFreeSpace::Auto));
+        assert_eq!(parse_min_free_space("0"), Ok(MinFreeSpace::Bytes(0)));
+        assert_eq!(parse_min_free_space("4MiB"), Ok(MinFreeSpace::Bytes(4 << 20)));
+        assert!(parse_min_free_space("lots").is_err());
+        // 5% of a small volume, 1 GiB of a large one.
+        assert_eq!(MinFreeSpace::Auto.of(10 << 30), 512 << 20);
+        assert_eq!(MinFreeSpace::Auto.of(100 << 30), 1 << 30);
+        assert_eq!(MinFreeSpace::Bytes(7).of(100 << 30), 7);
     }
 
     #[test]

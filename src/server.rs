@@ -45,7 +45,12 @@ impl App {
         let repo = open_database(&args.database).await?;
         let store: Arc<dyn Store> = store::open(
             &args.store_url(),
-            ObjectStoreOptions { part_size: args.part_size, config: args.store_options.clone() },
+            ObjectStoreOptions {
+                part_size: args.part_size,
+                config: args.store_options.clone(),
+                retry_budget: args.store_retry_budget,
+                timeout: args.store_timeout,
+            },
         )
         .context("could not open the store")?;
         if args.download == crate::config::DownloadMode::Redirect {
@@ -60,6 +65,7 @@ impl App {
             public_url: args.public_url(),
             base_path: args.base_path.clone(),
             memory_budget: args.memory_budget,
+            min_free_space: args.min_free_space,
         };
         check_budget(args, store.as_ref())?;
         let metrics = Metrics::new();
@@ -150,7 +156,7 @@ pub async fn open_database(args: &crate::config::DatabaseArgs) -> anyhow::Result
         std::fs::create_dir_all(&args.data_dir)
             .with_context(|| format!("could not create the data folder {}", args.data_dir.display()))?;
     }
-    let repo = repo::connect(&url).await.context("could not connect to the database")?;
+    let repo = repo::connect(&url, args.database_timeout).await.context("could not connect to the database")?;
     repo.migrate().await.context("could not apply database migrations")?;
     Ok(repo)
 }

@@ -34,6 +34,8 @@ pub struct Metrics {
     pool_idle: Gauge,
     memory_budget: Gauge,
     memory_in_use: Gauge,
+    store_free: Gauge,
+    store_reserve: Gauge,
 }
 
 /// Values read when the metrics are rendered.
@@ -43,6 +45,8 @@ pub struct Readings {
     /// `--memory-budget` and how much of it appends hold now.
     pub memory_budget: u64,
     pub memory_in_use: u64,
+    /// The local store's volume: its space and `--min-free-space` in bytes.
+    pub store_space: Option<(crate::store::Space, u64)>,
 }
 
 impl Metrics {
@@ -60,6 +64,8 @@ impl Metrics {
             pool_idle: Gauge::default(),
             memory_budget: Gauge::default(),
             memory_in_use: Gauge::default(),
+            store_free: Gauge::default(),
+            store_reserve: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("uploads_created", "Uploads created", metrics.uploads_created.clone());
@@ -93,6 +99,16 @@ impl Metrics {
             "Memory appends hold now: bytes received and not yet stored and hashed",
             metrics.memory_in_use.clone(),
         );
+        registry.register(
+            "store_free_bytes",
+            "Free space on the local store's volume (0 on object stores, which have no volume)",
+            metrics.store_free.clone(),
+        );
+        registry.register(
+            "store_min_free_bytes",
+            "Free space the local store's volume keeps (--min-free-space); below it bodies get 507",
+            metrics.store_reserve.clone(),
+        );
         Arc::new(Self { registry, ..metrics })
     }
 
@@ -113,6 +129,10 @@ impl Metrics {
         self.pool_idle.set(now.pool_idle as i64);
         self.memory_budget.set(now.memory_budget as i64);
         self.memory_in_use.set(now.memory_in_use as i64);
+        if let Some((space, reserve)) = now.store_space {
+            self.store_free.set(space.available as i64);
+            self.store_reserve.set(reserve as i64);
+        }
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text

@@ -9,6 +9,12 @@ use crate::uploads::UploadError;
 /// tus's own status for a checksum mismatch.
 pub const CHECKSUM_MISMATCH: u16 = 460;
 
+/// `Retry-After` (seconds) when the database or the store does not answer.
+pub const UNAVAILABLE_RETRY_AFTER: &str = "5";
+/// `Retry-After` (seconds) when the store is full: space comes back when an operator or the
+/// sweeper frees some.
+pub const FULL_RETRY_AFTER: &str = "60";
+
 #[derive(Debug)]
 pub enum ApiError {
     /// A request header is missing or malformed (400).
@@ -60,6 +66,7 @@ impl ApiError {
                 }
                 UploadError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
                 UploadError::ShuttingDown | UploadError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                UploadError::StorageFull(_) => StatusCode::INSUFFICIENT_STORAGE,
                 UploadError::Refused { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN),
                 UploadError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             },
@@ -104,7 +111,10 @@ impl IntoResponse for ApiError {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             Self::Upload(UploadError::Unavailable(_)) => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static(UNAVAILABLE_RETRY_AFTER));
+            }
+            Self::Upload(UploadError::StorageFull(_)) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static(FULL_RETRY_AFTER));
             }
             Self::Upload(UploadError::NotReady(_)) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));

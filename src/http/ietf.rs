@@ -160,9 +160,17 @@ impl IntoResponse for Problem {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
                 (None, "an upload token is required")
             }
-            ApiError::Upload(UploadError::ShuttingDown | UploadError::Unavailable(_)) => {
+            ApiError::Upload(UploadError::ShuttingDown) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 (None, "try again shortly")
+            }
+            ApiError::Upload(UploadError::Unavailable(_)) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static(super::error::UNAVAILABLE_RETRY_AFTER));
+                (None, "a service ferry depends on is not answering")
+            }
+            ApiError::Upload(UploadError::StorageFull(_)) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static(super::error::FULL_RETRY_AFTER));
+                (None, "insufficient storage")
             }
             _ => (None, status.canonical_reason().unwrap_or("error")),
         };

@@ -14,6 +14,8 @@ mod web;
 
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
+
 use axum::{
     Extension, Router,
     body::Body,
@@ -263,20 +265,37 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Readiness: the database and the store both answer.
+/// How long `/readyz` waits for the database and the store: under the 1 s that Kubernetes
+/// probes wait by default, whatever `--database-timeout` is.
+const READY_WITHIN: Duration = Duration::from_millis(800);
+
+/// Readiness: the database and the store both answer, and the store's volume is above
+/// `--min-free-space`. The answer says what is wrong.
 async fn readyz(State(state): State<AppState>) -> Response {
     let uploads = &state.uploads;
-    let (database, store) = tokio::join!(uploads.repo().ping(), uploads.store().ping());
-    let problems: Vec<String> =
-        [database.err().map(|e| format!("database: {e}")), store.err().map(|e| format!("store: {e}"))]
-            .into_iter()
-            .flatten()
-            .collect();
+    let (database, store) = tokio::join!(
+        within("database", Box::pin(async { uploads.repo().ping().await.map_err(|e| e.to_string()) })),
+        within("store", Box::pin(async { uploads.store().ping().await.map_err(|e| e.to_string()) })),
+    );
+    let space = uploads.reserve().refuse(0).map(|_| {
+        let (space, reserve) = uploads.reserve().reading().expect("a reserve was read");
+        format!("store below --min-free-space ({} MiB free, {} MiB kept free)", space.available >> 20, reserve >> 20)
+    });
+    let problems: Vec<String> = [database, store, space].into_iter().flatten().collect();
     if problems.is_empty() {
         "ready\n".into_response()
     } else {
         tracing::warn!(?problems, "not ready");
         (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {}\n", problems.join("; "))).into_response()
+    }
+}
+
+/// What is wrong with `what`, if its check fails or takes longer than [`READY_WITHIN`].
+async fn within(what: &'static str, check: BoxFuture<'_, Result<(), String>>) -> Option<String> {
+    match tokio::time::timeout(READY_WITHIN, check).await {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("{what}: {e}")),
+        Err(_) => Some(format!("{what}: no answer within {} ms", READY_WITHIN.as_millis())),
     }
 }
 
@@ -289,6 +308,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         pool_idle,
         memory_budget: budget.total(),
         memory_in_use: budget.in_use(),
+        store_space: state.uploads.reserve().reading(),
     });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

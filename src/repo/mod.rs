@@ -24,6 +24,52 @@ pub enum RepoError {
     Corrupt { id: String, reason: String },
 }
 
+impl RepoError {
+    /// The database did not answer in time, or the connection to it is gone: it is down,
+    /// restarting or overloaded, and asking again later may work.
+    pub fn is_unavailable(&self) -> bool {
+        let Self::Database(e) = self else { return false };
+        match e {
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                // PostgreSQL: connection exceptions (08), shutting down or starting up (57P0x),
+                // a statement cancelled by statement_timeout (57014), too many connections
+                // (53300). SQLite: the database is locked by another process (5, 6 and their
+                // extended codes).
+                match sqlite_code(db.as_ref()) {
+                    Some(primary) => matches!(primary, 5 | 6),
+                    None => code.starts_with("08") || code.starts_with("57P0") || code == "57014" || code == "53300",
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// The database's disk is full (SQLite's `SQLITE_FULL`, PostgreSQL's `disk_full`, ENOSPC).
+    pub fn is_disk_full(&self) -> bool {
+        let Self::Database(e) = self else { return false };
+        match e {
+            sqlx::Error::Database(db) => match sqlite_code(db.as_ref()) {
+                Some(primary) => primary == 13,
+                None => db.code().is_some_and(|code| code == "53100"),
+            },
+            sqlx::Error::Io(io) => crate::store::is_disk_full(io),
+            _ => false,
+        }
+    }
+}
+
+/// SQLite's primary result code of an error from SQLite (its extended code's low byte).
+fn sqlite_code(error: &dyn sqlx::error::DatabaseError) -> Option<i32> {
+    error.try_downcast_ref::<sqlx::sqlite::SqliteError>()?;
+    Some(error.code()?.parse::<i32>().ok()? & 0xff)
+}
+
 pub type Result<T, E = RepoError> = std::result::Result<T, E>;
 
 /// An upload as stored.
@@ -299,12 +345,13 @@ pub enum EventOutcome {
     Dead { at: i64, error: String },
 }
 
-/// Connects to the database named by `url` (`postgres://` or `sqlite://`).
-pub async fn connect(url: &str) -> anyhow::Result<Arc<dyn Repo>> {
+/// Connects to the database named by `url` (`postgres://` or `sqlite://`), with `timeout` for
+/// acquiring a connection and for each statement (`--database-timeout`).
+pub async fn connect(url: &str, timeout: std::time::Duration) -> anyhow::Result<Arc<dyn Repo>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PgRepo::connect(url).await?))
+        Ok(Arc::new(PgRepo::connect(url, timeout).await?))
     } else if url.starts_with("sqlite:") {
-        Ok(Arc::new(SqliteRepo::connect(url).await?))
+        Ok(Arc::new(SqliteRepo::connect(url, timeout).await?))
     } else {
         anyhow::bail!("unsupported database URL (expected postgres://... or sqlite://...)")
     }

@@ -89,6 +89,10 @@ impl Store for Instrumented {
     fn largest_part(&self, max_length: u64) -> Option<u64> {
         self.inner.largest_part(max_length)
     }
+
+    fn space(&self) -> Option<super::Space> {
+        self.inner.space()
+    }
 }
 
 struct InstrumentedAppender {

@@ -50,6 +50,24 @@ impl LocalStore {
     }
 }
 
+/// The free space of the volume holding `path` (statvfs(3)).
+fn volume_space(path: &std::path::Path) -> io::Result<super::Space> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c_path` is a valid C string and `stat` is a writable statvfs, which statvfs(3)
+    // fills in completely when it returns 0.
+    let result = unsafe { libc::statvfs(c_path.as_ptr(), stat.as_mut_ptr()) };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled `stat` in.
+    let stat = unsafe { stat.assume_init() };
+    let fragment = stat.f_frsize;
+    Ok(super::Space { available: stat.f_bavail * fragment, total: stat.f_blocks * fragment })
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
@@ -107,6 +125,12 @@ impl Store for LocalStore {
 
     fn completes_in_place(&self) -> bool {
         true
+    }
+
+    fn space(&self) -> Option<super::Space> {
+        volume_space(&self.root)
+            .inspect_err(|e| tracing::warn!(path = %self.root.display(), error = %e, "could not read the free space"))
+            .ok()
     }
 
     async fn complete(&self, _id: UploadId, _upload: &StoreUpload, _parts: &[Part]) -> Result<()> {

@@ -39,6 +39,49 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Whether an I/O error says the disk (or the quota) is full.
+pub fn is_disk_full(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || error.kind() == std::io::ErrorKind::StorageFull
+}
+
+impl StoreError {
+    /// The store's disk is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, Self::Io(e) if is_disk_full(e))
+    }
+
+    /// The store did not answer, or answered that it cannot serve now (after object_store's own
+    /// retries): asking again later may work.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::ObjectStore(e) => !matches!(
+                e,
+                object_store::Error::NotFound { .. }
+                    | object_store::Error::AlreadyExists { .. }
+                    | object_store::Error::Precondition { .. }
+                    | object_store::Error::NotModified { .. }
+                    | object_store::Error::NotImplemented { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::InvalidPath { .. }
+                    | object_store::Error::UnknownConfigurationKey { .. }
+                    | object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Space on the volume of a local store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes an unprivileged writer may still use.
+    pub available: u64,
+    /// The volume's size.
+    pub total: u64,
+}
+
 /// A stream of bytes read back from the store.
 pub type ByteStream = BoxStream<'static, Result<Bytes>>;
 
@@ -126,6 +169,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks that the store answers.
     async fn ping(&self) -> Result<()>;
+
+    /// The free space of the volume the store writes to, where it has one (local disk).
+    fn space(&self) -> Option<Space> {
+        None
+    }
 
     /// The size of the parts an upload of `max_length` bytes is cut into, on stores that keep a
     /// part in memory until it is uploaded; None for local disk.

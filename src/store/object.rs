@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use object_store::{
-    MultipartId, ObjectStore, ObjectStoreExt, PutPayload,
+    BackoffConfig, MultipartId, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
     aws::AmazonS3Builder,
     azure::MicrosoftAzureBuilder,
     gcp::GoogleCloudStorageBuilder,
@@ -43,11 +43,46 @@ pub struct ObjectStoreOptions {
     /// object_store configuration keys and values (`aws_endpoint`, `aws_allow_http`,
     /// `google_service_account`, `azure_storage_account_name`, ...), applied over the environment.
     pub config: Vec<(String, String)>,
+    /// How long after a call's first attempt it is retried (with exponential backoff and
+    /// jitter) when the store answers 5xx or 429, resets, or times out (`--store-retry-budget`).
+    pub retry_budget: Duration,
+    /// How long one attempt of a call may take (`--store-timeout`).
+    pub timeout: Duration,
 }
 
 impl Default for ObjectStoreOptions {
     fn default() -> Self {
-        Self { part_size: 8 << 20, config: Vec::new() }
+        Self {
+            part_size: 8 << 20,
+            config: Vec::new(),
+            retry_budget: Duration::from_secs(10),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ObjectStoreOptions {
+    /// object_store's retry rules for these options: retries of idempotent calls (every call
+    /// ferry makes is: a part or an object is put under its own name, a completion names its
+    /// parts) with backoff from 100 ms to 2 s and decorrelated jitter, within the budget.
+    fn retry(&self) -> RetryConfig {
+        RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+            },
+            max_retries: 20,
+            retry_timeout: self.retry_budget,
+        }
+    }
+
+    /// The configuration in force: the per-attempt timeout first, then the operator's own keys
+    /// (which may override it).
+    fn config(&self) -> Vec<(String, String)> {
+        let mut config = vec![("timeout".to_string(), format!("{}ms", self.timeout.as_millis()))];
+        config.extend(self.config.iter().cloned());
+        config
     }
 }
 
@@ -82,24 +117,26 @@ impl ObjectBackend {
         let (store, multipart, signer): (Arc<dyn ObjectStore>, Arc<dyn MultipartStore>, Arc<dyn Signer>) =
             match parsed.scheme() {
                 "s3" | "s3a" => {
-                    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
-                    for (key, value) in &options.config {
+                    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(options.retry());
+                    for (key, value) in &options.config() {
                         builder = builder.with_config(key.parse()?, value);
                     }
                     let s3 = Arc::new(builder.build()?);
                     (s3.clone(), s3.clone(), s3)
                 }
                 "gs" => {
-                    let mut builder = GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket);
-                    for (key, value) in &options.config {
+                    let mut builder =
+                        GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket).with_retry(options.retry());
+                    for (key, value) in &options.config() {
                         builder = builder.with_config(key.parse()?, value);
                     }
                     let gcs = Arc::new(builder.build()?);
                     (gcs.clone(), gcs.clone(), gcs)
                 }
                 "az" | "azure" => {
-                    let mut builder = MicrosoftAzureBuilder::from_env().with_container_name(bucket);
-                    for (key, value) in &options.config {
+                    let mut builder =
+                        MicrosoftAzureBuilder::from_env().with_container_name(bucket).with_retry(options.retry());
+                    for (key, value) in &options.config() {
                         builder = builder.with_config(key.parse()?, value);
                     }
                     let azure = Arc::new(builder.build()?);

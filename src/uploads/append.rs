@@ -73,6 +73,11 @@ impl Uploads {
                 request.offset
             )));
         }
+        if request.content_length != Some(0)
+            && let Some(message) = self.reserve.refuse(0)
+        {
+            return Err(UploadError::StorageFull(message));
+        }
         // The body is received from the start; the lease and the store's side are ready
         // meanwhile, and the stages start with them.
         let idle_timeout = self.settings.idle_timeout;
@@ -80,6 +85,7 @@ impl Uploads {
         let likely_state = self.writers.committed_state(request.id, request.offset);
         let mut pipeline =
             Pipeline::new(request.checksum.clone(), self.budget.clone(), idle_timeout, provisional, likely_state);
+        pipeline.keep_free(self.reserve.clone());
         let (row, writer, appender) = pipeline.receive_during(body, self.open_append(&request)).await?;
         let length = row.length.or(request.length);
         let remaining = length.unwrap_or(self.limit_of(row.size_limit)) - request.offset;

@@ -5,6 +5,7 @@ mod append;
 pub mod events;
 mod pieces;
 pub mod pipeline;
+pub mod space;
 mod worker;
 mod writers;
 
@@ -47,6 +48,8 @@ pub struct Settings {
     pub base_path: String,
     /// The bytes all appends of the instance may hold in memory at once (`--memory-budget`).
     pub memory_budget: u64,
+    /// The free space a local store's volume keeps (`--min-free-space`).
+    pub min_free_space: crate::config::MinFreeSpace,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +92,9 @@ pub enum UploadError {
     /// A service the request needs did not answer.
     #[error("{0}")]
     Unavailable(String),
+    /// The store's volume is full, or below `--min-free-space`.
+    #[error("{0}")]
+    StorageFull(String),
     #[error("the body does not match Upload-Checksum; the chunk was discarded")]
     ChecksumMismatch,
     #[error("the request body stalled for longer than {0:?}; the bytes received so far were kept")]
@@ -117,9 +123,20 @@ impl UploadError {
     }
 }
 
+/// What a client is told when the database is down (the detail goes to the log).
+const DATABASE_UNAVAILABLE: &str = "the database is not answering; nothing was changed, try again shortly";
+
 impl From<RepoError> for UploadError {
     fn from(e: RepoError) -> Self {
-        Self::Internal(e.into())
+        if e.is_unavailable() {
+            tracing::warn!(error = %e, "database unavailable");
+            Self::Unavailable(DATABASE_UNAVAILABLE.into())
+        } else if e.is_disk_full() {
+            tracing::warn!(error = %e, "the database's disk is full");
+            Self::StorageFull("the database's disk is full; nothing was changed, try again once space is freed".into())
+        } else {
+            Self::Internal(e.into())
+        }
     }
 }
 
@@ -127,6 +144,18 @@ impl From<StoreError> for UploadError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Superseded => superseded(),
+            e if e.is_disk_full() => {
+                tracing::warn!(error = %e, "the store's disk is full");
+                Self::StorageFull(
+                    "the store's disk is full; the bytes made durable before it filled are kept (check the offset \
+                     with HEAD), try again once space is freed"
+                        .into(),
+                )
+            }
+            e if e.is_unavailable() => {
+                tracing::warn!(error = %e, "object store unavailable");
+                Self::Unavailable("the object store is not answering; try again shortly".into())
+            }
             other => Self::Internal(other.into()),
         }
     }
@@ -294,6 +323,8 @@ pub struct Uploads {
     budget: Budget,
     /// The application's pre-create hook, when configured.
     precreate: Option<Arc<crate::hooks::precreate::PreCreate>>,
+    /// The free space kept on a local store's volume.
+    reserve: space::Reserve,
 }
 
 pub use admission::{Grant, Proposal};
@@ -301,7 +332,9 @@ pub use admission::{Grant, Proposal};
 impl Uploads {
     pub fn new(repo: Arc<dyn Repo>, store: Arc<dyn Store>, settings: Settings, metrics: Arc<Metrics>) -> Self {
         let settings_budget = settings.memory_budget;
+        let reserve = space::Reserve::new(store.clone(), settings.min_free_space);
         Self {
+            reserve,
             repo,
             store,
             settings,
@@ -323,6 +356,11 @@ impl Uploads {
     /// The memory budget of this instance's appends.
     pub fn budget(&self) -> &Budget {
         &self.budget
+    }
+
+    /// The free-space reserve of the store's volume.
+    pub fn reserve(&self) -> &space::Reserve {
+        &self.reserve
     }
 
     /// Ends the appends still running (at shutdown): each keeps what arrived, commits it and

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     BodyEvent, BodyStream, Result, UploadError,
+    space::{self, Reserve},
     types::{Checksum, ChecksumAlgorithm, ChecksumHasher, ChecksumPlan, FileHasher},
 };
 use crate::store::{AppendOutcome, Appender, StoreError};
@@ -103,6 +104,8 @@ pub enum Ending {
     CutOff(String),
     /// The instance is shutting down.
     Stopped,
+    /// The store's volume reached `--min-free-space`: what arrived until then is kept.
+    StoreFull(String),
 }
 
 impl Ending {
@@ -112,6 +115,7 @@ impl Ending {
             Ending::TimedOut => Some(UploadError::BodyTimeout(idle_timeout)),
             Ending::CutOff(reason) => Some(UploadError::BodyCutOff(reason)),
             Ending::Stopped => Some(UploadError::ShuttingDown),
+            Ending::StoreFull(message) => Some(UploadError::StorageFull(message)),
         }
     }
 }
@@ -225,6 +229,10 @@ pub struct Pipeline {
     started_from: Option<Vec<u8>>,
     /// Since when bytes wait for the hash stage, which is not running.
     waiting_since: Option<tokio::time::Instant>,
+    /// The store's free-space reserve, checked every [`space::CHECK_EVERY`] bytes received.
+    reserve: Option<Reserve>,
+    /// What had been received when the free space was last checked.
+    space_checked_at: u64,
 }
 
 impl Drop for Pipeline {
@@ -404,6 +412,8 @@ impl Pipeline {
             ended: None,
             started_from: None,
             waiting_since: None,
+            reserve: None,
+            space_checked_at: 0,
         };
         if let Some(state) = likely_state
             && let Ok(hasher) = FileHasher::restore(&state)
@@ -430,6 +440,23 @@ impl Pipeline {
     /// Bytes received so far.
     pub fn received(&self) -> u64 {
         self.received
+    }
+
+    /// Ends the body early, keeping what arrived, once the store's volume reaches `reserve`.
+    pub fn keep_free(&mut self, reserve: Reserve) {
+        self.reserve = Some(reserve);
+    }
+
+    /// Why no more should be received, when the store's volume has reached its reserve (counting
+    /// what was received and is not written yet).
+    fn out_of_space(&mut self) -> Option<String> {
+        let reserve = self.reserve.as_ref()?;
+        if self.received < self.space_checked_at + space::CHECK_EVERY {
+            return None;
+        }
+        self.space_checked_at = self.received;
+        let pending = self.received.saturating_sub(self.shared.lock().written);
+        reserve.refuse(pending)
     }
 
     /// Receives the body while `work` runs (the lease, opening the store), so that the first
@@ -537,6 +564,9 @@ impl Pipeline {
             }
             if stopping.is_cancelled() {
                 return Ok(Ending::Stopped);
+            }
+            if let Some(message) = self.out_of_space() {
+                return Ok(Ending::StoreFull(message));
             }
             if reading {
                 match self.take_ready(body)? {

@@ -17,6 +17,7 @@ mod creation;
 mod doctor;
 mod download;
 mod expiration;
+mod faults;
 mod ietf;
 mod limits;
 mod nginx;

@@ -13,10 +13,10 @@ use reqwest::Method;
 use crate::db_backend_tests;
 use crate::helpers::{Backend, TestApp, wait_for};
 
-const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub(crate) const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 #[derive(Clone, Debug)]
-struct Delivery {
+pub(crate) struct Delivery {
     id: String,
     timestamp: i64,
     signature: String,
@@ -24,11 +24,11 @@ struct Delivery {
 }
 
 impl Delivery {
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap()
     }
 
-    fn kind(&self) -> String {
+    pub(crate) fn kind(&self) -> String {
         self.json()["type"].as_str().unwrap().to_string()
     }
 }
@@ -36,13 +36,13 @@ impl Delivery {
 /// A webhook receiver that answers each request with the next scripted status (200 once the
 /// script is used up) and records every request.
 #[derive(Clone, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     deliveries: Arc<Mutex<Vec<Delivery>>>,
     script: Arc<Mutex<Vec<u16>>>,
 }
 
 impl Receiver {
-    async fn start(script: Vec<u16>) -> (Self, String) {
+    pub(crate) async fn start(script: Vec<u16>) -> (Self, String) {
         let receiver = Receiver { script: Arc::new(Mutex::new(script)), ..Default::default() };
         let app = Router::new().route("/hook", post(receive)).with_state(receiver.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -51,7 +51,7 @@ impl Receiver {
         (receiver, url)
     }
 
-    fn all(&self) -> Vec<Delivery> {
+    pub(crate) fn all(&self) -> Vec<Delivery> {
         self.deliveries.lock().unwrap().clone()
     }
 }

@@ -967,9 +967,11 @@ async fn a_whole_file_creation_a_proxy_refuses_is_sent_in_appends() {
     let log = nginx.access_log();
     let posts: Vec<&str> = log.lines().filter(|l| l.contains("\"POST ")).collect();
     assert_eq!(posts.len(), 2, "{log}");
+    // nginx logs a request when it is done with it, and it may finish discarding the refused
+    // body after the creation that followed is answered: the lines need not be in request order.
     assert!(
-        posts[0].contains("\" 413 ") && posts[1].contains("\" 201 "),
-        "the whole file, then an empty creation:\n{log}"
+        posts.iter().any(|l| l.contains("\" 413 ")) && posts.iter().any(|l| l.contains("\" 201 ")),
+        "the whole file (413), and an empty creation (201):\n{log}"
     );
     assert_eq!(received_bytes(&app.base).await, data.len() as u64);
 }

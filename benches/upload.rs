@@ -1,4 +1,4 @@
-//! Upload benchmark: `cargo bench --bench upload` (see the README's "Benchmark" section).
+//! Upload benchmark: `cargo bench --bench upload` (see docs/benchmark.md).
 //!
 //! Every measure is a ratio against a reference measured in the same run, on this machine:
 //! - **ingest**: one upload of 256 MiB in 8 MiB and 1 MiB chunks, data on tmpfs, medians of 5

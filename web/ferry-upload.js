@@ -34,7 +34,7 @@
 //           module does needs a part of tus the draft lacks (no parallel parts, no deferred length).
 // ferry speaks both on the same endpoint, and an upload begun in one can be resumed in the other.
 //
-// The README's "Browser uploads" section documents the options and events.
+// docs/browser.md documents the options and events.
 
 const TUS_VERSION = '1.0.0'
 /** The draft's interop version this module speaks (draft-ietf-httpbis-resumable-upload-12). */
@@ -47,7 +47,7 @@ const STORAGE_PREFIX = 'ferry-upload:'
 /** Remembered uploads older than this are dropped (ferry expires idle uploads after 24 h by default). */
 const STORAGE_MAX_AGE_MS = 7 * 24 * 3600 * 1000
 
-/** The defaults of every option; see the README for what each one means. */
+/** The defaults of every option; see docs/browser.md for what each one means. */
 export const DEFAULTS = Object.freeze({
   endpoint: '/files/',
   token: null,
@@ -214,7 +214,7 @@ let nextId = 1
 
 /**
  * One file on its way to ferry. An EventTarget with events `progress`, `success`, `error` and
- * `statechange` (details in the README). Made by `FerryUploader.add`.
+ * `statechange` (details in docs/browser.md). Made by `FerryUploader.add`.
  */
 export class Upload extends EventTarget {
   constructor(uploader, file, options = {}) {

@@ -6,7 +6,7 @@
 //! goes in the POST itself and its URL is saved when it is answered), PATCH sends the file chunk by
 //! chunk, HEAD tells where to continue after anything went wrong, and a final HEAD's
 //! `Repr-Digest` is compared with the file's own SHA-256. A rerun of the same command finds the
-//! saved URL and continues from the server's offset. See the README's "Command-line uploads" for
+//! saved URL and continues from the server's offset. See docs/cli.md for
 //! the user's view.
 //!
 //! The pieces: [`protocol`] (how each protocol dresses requests and reads answers), `transfer`

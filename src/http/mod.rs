@@ -277,8 +277,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         within("database", Box::pin(async { uploads.repo().ping().await.map_err(|e| e.to_string()) })),
         within("store", Box::pin(async { uploads.store().ping().await.map_err(|e| e.to_string()) })),
     );
-    let space = uploads.reserve().refuse(0).map(|_| {
-        let (space, reserve) = uploads.reserve().reading().expect("a reserve was read");
+    let space = uploads.reserve().shortfall(0).map(|(space, reserve)| {
         format!("store below --min-free-space ({} MiB free, {} MiB kept free)", space.available >> 20, reserve >> 20)
     });
     let problems: Vec<String> = [database, store, space].into_iter().flatten().collect();

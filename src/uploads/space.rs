@@ -30,13 +30,16 @@ impl Reserve {
         Some((space, self.min_free.of(space.total)))
     }
 
-    /// Why `pending` more bytes may not be written now, if they may not: the volume would be
-    /// left with less free space than the reserve.
-    pub fn refuse(&self, pending: u64) -> Option<String> {
+    /// The free space and the reserve, when writing `pending` more bytes would leave the volume
+    /// with less free space than the reserve (one statvfs).
+    pub fn shortfall(&self, pending: u64) -> Option<(Space, u64)> {
         let (space, reserve) = self.reading()?;
-        if reserve == 0 || space.available >= reserve.saturating_add(pending) {
-            return None;
-        }
+        (reserve > 0 && space.available < reserve.saturating_add(pending)).then_some((space, reserve))
+    }
+
+    /// Why `pending` more bytes may not be written now, if they may not.
+    pub fn refuse(&self, pending: u64) -> Option<String> {
+        let (space, reserve) = self.shortfall(pending)?;
         Some(format!(
             "the store is below --min-free-space ({} MiB free, {} MiB kept free); no more bytes are accepted \
              until space is freed, for example by deleting uploads",

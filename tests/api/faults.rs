@@ -77,6 +77,16 @@ async fn patch_until_refused(app: &TestApp, url: &str, data: &[u8], chunk: usize
     }
 }
 
+/// PATCHes the rest of `data` from `offset` in `chunk`-sized requests, each answered 204.
+async fn patch_rest(app: &TestApp, url: &str, data: &[u8], mut offset: usize, chunk: usize) {
+    while offset < data.len() {
+        let end = (offset + chunk).min(data.len());
+        let response = app.patch(url, offset as u64, data[offset..end].to_vec()).await;
+        assert_eq!(response.status(), 204, "PATCH at {offset}");
+        offset = end;
+    }
+}
+
 async fn offset_of(app: &TestApp, url: &str) -> usize {
     let head = app.head(url).await;
     assert_eq!(head.status(), 200, "HEAD {url}");
@@ -147,10 +157,7 @@ async fn a_full_volume_refuses_bodies_and_recovers_after_a_delete() {
     wait_for("readyz after the DELETE", Duration::from_secs(10), || async { readyz(&app).await.0 == 200 }).await;
     let fresh = random_bytes(8 * MIB + 3, 132);
     let url = app.create(fresh.len() as u64).await;
-    for (i, chunk) in fresh.chunks(3 * MIB).enumerate() {
-        let response = app.patch(&url, (i * 3 * MIB) as u64, chunk.to_vec()).await;
-        assert_eq!(response.status(), 204, "a new upload after the DELETE");
-    }
+    patch_rest(&app, &url, &fresh, 0, 3 * MIB).await;
     assert_eq!(app.download(&url).await, fresh);
     assert_eq!(app.tus(Method::DELETE, &other).send().await.unwrap().status(), 204);
 }
@@ -177,13 +184,7 @@ async fn a_write_that_meets_enospc_gets_507_and_the_upload_resumes() {
     assert_honest(&app, &url, offset, &data);
 
     std::fs::remove_file(&filler).unwrap();
-    let mut offset = offset_of(&app, &url).await;
-    while offset < data.len() {
-        let end = (offset + 2 * MIB).min(data.len());
-        let response = app.patch(&url, offset as u64, data[offset..end].to_vec()).await;
-        assert_eq!(response.status(), 204, "resuming at {offset} once space is back");
-        offset = end;
-    }
+    patch_rest(&app, &url, &data, offset_of(&app, &url).await, 2 * MIB).await;
     assert_eq!(app.download(&url).await, data);
 }
 
@@ -346,17 +347,12 @@ async fn database_goes_away(kill: bool) {
 
     pg.restart().await;
     wait_for("readyz once PostgreSQL is back", Duration::from_secs(30), || async { readyz(&app).await.0 == 200 }).await;
-    let mut offset = offset_of(&app, &url).await;
+    let offset = offset_of(&app, &url).await;
     // A clean stop keeps every commit; a SIGKILL may lose the last ones, which ferry commits
     // without waiting for the WAL flush: the offset may lag the bytes, never lead them.
     assert!(kill || offset >= MIB, "the committed offset survived a clean stop: {offset}");
     assert_honest(&app, &url, offset, &data);
-    while offset < data.len() {
-        let end = (offset + MIB).min(data.len());
-        let response = app.patch(&url, offset as u64, data[offset..end].to_vec()).await;
-        assert_eq!(response.status(), 204, "resuming at {offset}");
-        offset = end;
-    }
+    patch_rest(&app, &url, &data, offset, MIB).await;
     assert_eq!(app.download(&url).await, data);
     let completed = || receiver.all().into_iter().filter(|d| d.kind() == "upload.completed").count();
     wait_for("upload.completed", Duration::from_secs(30), || async { completed() >= 1 }).await;
@@ -503,10 +499,7 @@ async fn store_faults_are_retried_and_leave_nothing_behind() {
     proxy.queue(&[Fault::SlowDown, Fault::ServerError, Fault::Stall, Fault::Reset, Fault::SlowDown]);
     let data = random_bytes(24 * MIB + 5, 150);
     let url = app.create(data.len() as u64).await;
-    for (i, chunk) in data.chunks(8 * MIB).enumerate() {
-        let response = app.patch(&url, (i * 8 * MIB) as u64, chunk.to_vec()).await;
-        assert_eq!(response.status(), 204, "chunk {i} through the faults");
-    }
+    patch_rest(&app, &url, &data, 0, 8 * MIB).await;
     assert_eq!(proxy.left(), 0, "every fault was met");
     assert_eq!(app.download(&url).await, data);
     let bucket = app.bucket.as_ref().unwrap();

@@ -138,6 +138,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_DOWNLOAD", value_enum, default_value_t = DownloadMode::Stream)]
     pub download: DownloadMode,
 
+    /// How long a signed download link stays valid: the links on the upload page, in
+    /// `upload.completed` webhooks (counted from each delivery) and from `GET {base}{id}/link`.
+    #[arg(long, env = "FERRY_DOWNLOAD_LINK_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub download_link_ttl: Duration,
+
     /// The URL clients reach ferry at, e.g. `https://uploads.example.com` (used for download URLs
     /// in webhook events). Default: `http://<listen>`.
     #[arg(long, env = "FERRY_PUBLIC_URL")]

@@ -23,7 +23,10 @@ use crate::{
     repo::{self, Repo},
     store::{self, Instrumented, ObjectStoreOptions, Store},
     telemetry::Metrics,
-    uploads::{Settings, Uploads},
+    uploads::{
+        Settings, Uploads,
+        links::{self, DownloadLinks},
+    },
 };
 
 /// Largest buffer hyper keeps per connection; request headers larger than this get 431.
@@ -87,7 +90,15 @@ impl App {
             })?)),
             None => None,
         };
-        let uploads = Uploads::new(repo, store, settings, metrics).with_precreate(precreate);
+        let key = repo
+            .secret(links::KEY_NAME, &DownloadLinks::new_key(), crate::model::now_ms())
+            .await
+            .context("could not read the download link key from the database")?;
+        if key.len() < 32 {
+            anyhow::bail!("the database holds a download link key of {} bytes; 32 or more are needed", key.len());
+        }
+        let links = Arc::new(DownloadLinks::new(key, args.download_link_ttl));
+        let uploads = Uploads::new(repo, store, settings, metrics, links).with_precreate(precreate);
         let state = AppState {
             uploads: uploads.clone(),
             base_path: args.base_path.clone(),
@@ -163,10 +174,17 @@ pub async fn open_database(args: &crate::config::DatabaseArgs) -> anyhow::Result
 
 /// Serves ferry on `listener` until `shutdown` resolves, then lets in-flight requests finish.
 pub async fn launch(
-    args: ServeArgs,
+    mut args: ServeArgs,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Without --public-url, the URLs in events name the address actually listened on (which
+    // differs from --listen when its port is 0).
+    if args.public_url.is_none()
+        && let Ok(address) = listener.local_addr()
+    {
+        args.public_url = Some(format!("http://{address}"));
+    }
     let app = App::build(&args).await?;
     let background = CancellationToken::new();
     let mut workers = crate::uploads::spawn_background(app.uploads.clone(), background.clone());
@@ -176,6 +194,7 @@ pub async fn launch(
         timeout: args.webhook_timeout,
         retry_budget: args.webhook_retry_budget,
         retry_min: args.webhook_retry_min,
+        links: Some(app.uploads.links().clone()),
     };
     if webhooks.url.is_some() && webhooks.secrets.is_empty() {
         tracing::warn!("webhooks are sent unsigned: set --webhook-secret so the receiver can verify them");

@@ -80,8 +80,37 @@ const STATUS = {
   aborted: 'Cancelled',
 }
 
-function downloadUrl(url) {
-  return token ? `${url}?token=${encodeURIComponent(token)}` : url
+// The download link is one ferry signs (GET <upload URL>/link): it works as a plain link and
+// carries no upload token, which would end up in proxy logs and the browser's history. It is
+// valid for the server's --download-link-ttl; a click after that fetches a fresh one first.
+async function signedLink(url) {
+  const response = await fetch(`${url}/link`, { headers: token ? { Authorization: `Bearer ${token}` } : {} })
+  if (!response.ok) throw new Error(`no download link: the server answered ${response.status}`)
+  const { url: signed, expires_at: expiresAt } = await response.json()
+  return { signed, expires: Date.parse(expiresAt) }
+}
+
+function offerDownload(link, url, name) {
+  let expires = 0
+  const refresh = async () => {
+    const fresh = await signedLink(url)
+    link.href = fresh.signed
+    expires = fresh.expires
+  }
+  link.addEventListener('click', (event) => {
+    if (Date.now() < expires - 10_000) return
+    event.preventDefault()
+    refresh().then(
+      () => link.click(),
+      (error) => announce(`${name}: ${error.message}`),
+    )
+  })
+  refresh().then(
+    () => {
+      link.hidden = false
+    },
+    (error) => announce(`${name}: ${error.message}`),
+  )
 }
 
 function row(upload) {
@@ -186,9 +215,8 @@ function row(upload) {
     $('.result-sha256').textContent = sha256 ?? 'not reported'
     $('.upload-result').hidden = false
     const link = $('.download')
-    link.href = downloadUrl(url)
     link.download = name
-    link.hidden = false
+    offerDownload(link, url, name)
     li.dataset.url = url
     li.dataset.sha256 = sha256 ?? ''
     announce(`${name}: uploaded`)

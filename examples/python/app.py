@@ -9,8 +9,11 @@ Run it with `gunicorn -c gunicorn.conf.py` (see README.md).
 """
 
 import hmac
+import json
 import os
 import time
+import urllib.error
+import urllib.request
 from datetime import datetime, timezone
 
 import jwt
@@ -103,6 +106,38 @@ def create_app(config=None):
         claims = {"sub": user, "exp": expires_at, "max_size": max_size}
         token = jwt.encode(claims, app.config["FERRY_TOKEN_SECRET"], algorithm="HS256")
         return {"token": token, "expires_at": expires_at, "max_size": max_size}
+
+    @app.get("/files/<upload_id>/download")
+    def download(upload_id):
+        """Sends the logged-in owner of a file to a fresh signed download link from ferry.
+
+        ferry's links expire (its --download-link-ttl), so the app asks for one when the user
+        clicks, with a one-minute token of the user's: ferry checks that the upload is theirs. The
+        bytes then go from ferry to the browser; none pass through this app.
+        """
+        user = session.get("user")
+        if user is None:
+            abort(401)
+        row = get_db().execute(
+            "SELECT url FROM files WHERE upload_id = ? AND owner = ? AND status = 'completed'", (upload_id, user)
+        ).fetchone()
+        if row is None or not row["url"]:
+            abort(404)
+        claims = {"sub": user, "exp": int(time.time()) + 60}
+        token = jwt.encode(claims, app.config["FERRY_TOKEN_SECRET"], algorithm="HS256")
+        ask = urllib.request.Request(row["url"] + "/link", headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(ask, timeout=5) as answer:
+                link = json.load(answer)["url"]
+        except urllib.error.HTTPError as e:
+            if e.code in (404, 410):  # deleted or expired in ferry meanwhile
+                abort(404)
+            app.logger.warning("ferry refused a download link for %s: %s", upload_id, e)
+            abort(502)
+        except (urllib.error.URLError, TimeoutError, ValueError, KeyError) as e:
+            app.logger.warning("no download link from ferry for %s: %s", upload_id, e)
+            abort(503)
+        return redirect(link, 303)
 
     def user_from_token(token):
         claims = jwt.decode(

@@ -360,3 +360,32 @@ def test_missing_secrets_stop_the_app(tmp_path):
                 "APP_DB": str(tmp_path / "x"),
             }
         )
+
+
+# ---- downloads --------------------------------------------------------------------------------
+
+
+def completed_file(app, client, owner="alice"):
+    """A completed upload of owner's, as the worker records it from ferry's webhook."""
+    payload = event(owner=owner)
+    assert deliver(client, payload).status_code == 204
+    worker.process_pending(db.connect(app.config["APP_DB"]))
+    return payload["data"]["id"]
+
+
+def test_downloads_are_for_the_logged_in_owner(app, client):
+    upload_id = completed_file(app, client, owner="bob")
+    assert client.get(f"/files/{upload_id}/download").status_code == 401
+    login(client, "alice")
+    assert client.get(f"/files/{upload_id}/download").status_code == 404, "bob's file"
+    assert client.get(f"/files/{uuid.uuid4().hex}/download").status_code == 404, "no such file"
+
+
+def test_a_download_without_ferry_is_503_not_500(app, client):
+    # The recorded URL points at a ferry that does not answer (nothing listens on port 9).
+    upload_id = completed_file(app, client)
+    conn = db.connect(app.config["APP_DB"])
+    conn.execute("UPDATE files SET url = ? WHERE upload_id = ?", (f"http://127.0.0.1:9/files/{upload_id}", upload_id))
+    conn.commit()
+    login(client, "alice")
+    assert client.get(f"/files/{upload_id}/download").status_code == 503

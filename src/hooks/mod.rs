@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     model::now_ms,
     repo::{EventOutcome, EventRow, Repo},
+    uploads::{links::DownloadLinks, types::UploadId},
 };
 
 /// A webhook signing secret, `whsec_<base64>` as the Standard Webhooks spec writes them.
@@ -67,6 +68,8 @@ pub struct WebhookSettings {
     pub retry_budget: Duration,
     /// First retry delay; doubles per attempt up to an hour, with jitter.
     pub retry_min: Duration,
+    /// Signs the `download_url` of each `upload.completed` delivery.
+    pub links: Option<Arc<DownloadLinks>>,
 }
 
 /// A claimed event is held for the delivery timeout plus this margin; if the instance dies
@@ -139,16 +142,19 @@ impl Dispatcher {
 
     async fn attempt(&self, url: &str, event: &EventRow) -> EventOutcome {
         let timestamp = now_ms() / 1000;
+        let payload = match &self.settings.links {
+            Some(links) => with_download_url(links, &event.payload, now_ms()),
+            None => event.payload.clone(),
+        };
         let mut request = self
             .client
             .post(url)
             .header("content-type", "application/json")
             .header("webhook-id", &event.id)
             .header("webhook-timestamp", timestamp.to_string())
-            .body(event.payload.clone());
+            .body(payload.clone());
         if !self.settings.secrets.is_empty() {
-            request =
-                request.header("webhook-signature", sign(&self.settings.secrets, &event.id, timestamp, &event.payload));
+            request = request.header("webhook-signature", sign(&self.settings.secrets, &event.id, timestamp, &payload));
         }
         let error = match request.send().await {
             Ok(response) if response.status().is_success() => return EventOutcome::Delivered { at: now_ms() },
@@ -165,6 +171,30 @@ impl Dispatcher {
         }
         EventOutcome::Retry { at: now + backoff(self.settings.retry_min, event.attempts).as_millis() as i64, error }
     }
+}
+
+/// An `upload.completed` payload with `data.download_url`: `data.url` signed from this delivery
+/// on, so that a receiver that was down for a while still gets a link it can use. Other events,
+/// and payloads this version did not write, go out as they are.
+fn with_download_url(links: &DownloadLinks, payload: &str, now: i64) -> String {
+    let Ok(mut value) = serde_json::from_str::<serde_json::Value>(payload) else {
+        return payload.to_string();
+    };
+    if value.get("type").and_then(|t| t.as_str()) != Some("upload.completed") {
+        return payload.to_string();
+    }
+    let Some(data) = value.get_mut("data").and_then(|d| d.as_object_mut()) else {
+        return payload.to_string();
+    };
+    let id = data.get("id").and_then(|v| v.as_str()).and_then(|v| v.parse::<UploadId>().ok());
+    let (Some(id), Some(url)) = (id, data.get("url").and_then(|v| v.as_str()).map(str::to_string)) else {
+        return payload.to_string();
+    };
+    let (link, expires) = links.sign(&url, id, now);
+    data.insert("download_url".into(), link.into());
+    let expires_at = chrono::DateTime::from_timestamp(expires as i64, 0).unwrap_or_default();
+    data.insert("download_url_expires_at".into(), expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).into());
+    value.to_string()
 }
 
 /// `min * 2^(attempts - 1)`, capped at an hour, times a jitter in [0.5, 1.5) so that instances

@@ -4,7 +4,7 @@
 //! for it get 404.
 
 use axum::{
-    extract::{Request, State},
+    extract::{MatchedPath, Request, State},
     middleware::Next,
     response::{IntoResponse, Response},
 };
@@ -13,6 +13,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use super::{AppState, error::ApiError};
+use crate::uploads::links::LinkQuery;
 
 /// Who is calling, from a verified token.
 #[derive(Debug, Clone)]
@@ -79,26 +80,41 @@ fn unauthorized(request: &Request, message: &str) -> Response {
     }
 }
 
-/// The token from `Authorization: Bearer`, or from `?token=` (for plain download links).
+/// The token from `Authorization: Bearer`. Never from the query: URLs end up in proxy and
+/// browser logs, so plain links carry a signature instead (see [`crate::uploads::links`]).
 fn token_of(request: &Request) -> Option<String> {
-    if let Some(value) = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        return value.strip_prefix("Bearer ").map(|t| t.trim().to_string());
-    }
-    request.uri().query().and_then(|query| {
-        url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "token").map(|(_, v)| v.into_owned())
-    })
+    let value = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())?;
+    value.strip_prefix("Bearer ").map(|t| t.trim().to_string())
 }
 
-/// Requires a valid token on every tus request but OPTIONS, when tokens are configured.
+/// A GET of an upload itself (a download) that carries a signed link's parameters: the download
+/// checks the signature instead of a token.
+fn is_signed_download(state: &AppState, request: &Request) -> bool {
+    request.method() == Method::GET
+        && request.extensions().get::<super::ietf::Interop>().is_none()
+        && request.extensions().get::<MatchedPath>().is_some_and(|p| p.as_str() == format!("{}{{id}}", state.base_path))
+        && LinkQuery::parse(request.uri().query()).is_some()
+}
+
+/// Requires a valid token on every tus request but OPTIONS and signed downloads, when tokens
+/// are configured.
 pub async fn require_token(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let Some(verifier) = &state.tokens else {
         return next.run(request).await;
     };
-    if request.method() == Method::OPTIONS {
+    if request.method() == Method::OPTIONS || is_signed_download(&state, &request) {
         return next.run(request).await;
     }
     let Some(token) = token_of(&request) else {
-        return unauthorized(&request, "an upload token is required: send 'Authorization: Bearer <token>'");
+        let query_token =
+            request.uri().query().is_some_and(|q| url::form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "token"));
+        let message = if query_token {
+            "an upload token is not taken from the URL (proxies log URLs): send 'Authorization: Bearer <token>', \
+             or download with a signed link from GET <upload URL>/link"
+        } else {
+            "an upload token is required: send 'Authorization: Bearer <token>'"
+        };
+        return unauthorized(&request, message);
     };
     match verifier.verify(&token) {
         Ok(caller) => {

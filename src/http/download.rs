@@ -9,11 +9,11 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use base64::{Engine, engine::general_purpose::STANDARD};
-use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 
 use super::{AppState, error::ApiError};
 use crate::config::DownloadMode;
-use crate::uploads::{Upload, types::Metadata};
+use crate::uploads::{Upload, UploadError, links::LinkQuery, now_ms, types::Metadata};
 
 /// Types a browser may show inline: they cannot run script in our origin.
 const INLINE_TYPES: &[&str] = &[
@@ -39,10 +39,23 @@ const CACHE_CONTROL: &str = "private, max-age=0, must-revalidate";
 pub async fn download(
     State(state): State<AppState>,
     upload: super::tus::UploadRef,
+    uri: Uri,
     request_headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // A signed link opens its upload for whoever holds it; anything else is the caller's own.
+    let owner = match LinkQuery::parse(uri.query()) {
+        Some(link) => {
+            state
+                .uploads
+                .links()
+                .verify(upload.id, &link, now_ms())
+                .map_err(|e| UploadError::Forbidden(e.to_string()))?;
+            None
+        }
+        None => upload.owner,
+    };
     // Conditions apply only to what would otherwise be a 2xx: check completeness first.
-    let upload = state.uploads.completed(upload.id, upload.owner.as_deref()).await?;
+    let upload = state.uploads.completed(upload.id, owner.as_deref()).await?;
     let size = upload.length.unwrap_or(upload.offset);
     let etag = etag(&upload);
 
@@ -100,6 +113,26 @@ pub async fn download(
         let digest = format!("sha-256=:{}:", STANDARD.encode(sha256));
         h.insert("repr-digest", HeaderValue::from_str(&digest).expect("base64"));
     }
+    Ok(response)
+}
+
+/// `GET {base}{id}/link`: a signed download link of a completed upload, for the page and for
+/// anyone who holds a token and wants to hand the file on without it.
+pub async fn link(
+    State(state): State<AppState>,
+    upload: super::tus::UploadRef,
+    request_headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let upload = state.uploads.completed(upload.id, upload.owner.as_deref()).await?;
+    let url = super::tus::upload_url(&state, &request_headers, upload.id);
+    let (link, expires) = state.uploads.links().sign(&url, upload.id, now_ms());
+    let expires_at = chrono::DateTime::from_timestamp(expires as i64, 0).unwrap_or_default();
+    let body = serde_json::json!({
+        "url": link,
+        "expires_at": expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    });
+    let mut response = axum::Json(body).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
 }
 

@@ -106,6 +106,7 @@ pub fn router(state: AppState, cors_origins: &[String], with_metrics: bool) -> R
         .route(&collection, post(create).options(tus::options))
         .route(&base, post(create).options(tus::options))
         .route(&format!("{base}{{id}}"), get(get_upload).head(head).patch(append).delete(delete).options(tus::options))
+        .route(&format!("{base}{{id}}/link"), get(download::link))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_token))
         .layer(axum::middleware::from_fn(protocol));
 
@@ -175,11 +176,12 @@ async fn get_upload(
     State(state): State<AppState>,
     interop: Interop,
     upload: tus::UploadRef,
+    uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
     match interop {
         Some(_) => ietf::offset(state, upload).await,
-        None => download::download(State(state), upload, headers).await.into_response(),
+        None => download::download(State(state), upload, uri, headers).await.into_response(),
     }
 }
 

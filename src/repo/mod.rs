@@ -171,6 +171,10 @@ pub trait Repo: Send + Sync + 'static {
     /// Connections open and idle in the pool.
     fn pool_stats(&self) -> (u32, usize);
 
+    /// The secret kept under `name`: `candidate` if none was kept yet (it is stored then), else
+    /// the one stored first, so that every instance ends up with the same.
+    async fn secret(&self, name: &str, candidate: &[u8], now: i64) -> Result<Vec<u8>>;
+
     /// Inserts an upload and the events its creation causes, in one transaction. A final
     /// upload's pieces are inserted with it, and only while each partial upload they name is
     /// still complete (its row is locked meanwhile, so a concurrent termination either comes

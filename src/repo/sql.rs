@@ -300,6 +300,22 @@ macro_rules! sql_repo {
                 (self.pool.size(), self.pool.num_idle())
             }
 
+            async fn secret(&self, name: &str, candidate: &[u8], now: i64) -> Result<Vec<u8>> {
+                sqlx::query(
+                    "INSERT INTO secrets (name, value, created_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+                )
+                .bind(name)
+                .bind(candidate)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+                let value: Vec<u8> = sqlx::query_scalar("SELECT value FROM secrets WHERE name = $1")
+                    .bind(name)
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(value)
+            }
+
             async fn insert(&self, upload: &NewUpload, events: &[NewEvent]) -> Result<bool> {
                 let (concat, concat_parts) = concat_columns(&upload.concat);
                 let mut tx = durable_tx!(self.pool, $durable);

@@ -3,6 +3,7 @@
 mod admission;
 mod append;
 pub mod events;
+pub mod links;
 mod pieces;
 pub mod pipeline;
 pub mod space;
@@ -323,6 +324,8 @@ pub struct Uploads {
     budget: Budget,
     /// The application's pre-create hook, when configured.
     precreate: Option<Arc<crate::hooks::precreate::PreCreate>>,
+    /// Signs the download links of completed uploads.
+    links: Arc<links::DownloadLinks>,
     /// The free space kept on a local store's volume.
     reserve: space::Reserve,
 }
@@ -330,7 +333,13 @@ pub struct Uploads {
 pub use admission::{Grant, Proposal};
 
 impl Uploads {
-    pub fn new(repo: Arc<dyn Repo>, store: Arc<dyn Store>, settings: Settings, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        repo: Arc<dyn Repo>,
+        store: Arc<dyn Store>,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        links: Arc<links::DownloadLinks>,
+    ) -> Self {
         let settings_budget = settings.memory_budget;
         let reserve = space::Reserve::new(store.clone(), settings.min_free_space);
         Self {
@@ -344,6 +353,7 @@ impl Uploads {
             writers: Arc::default(),
             budget: Budget::new(settings_budget),
             precreate: None,
+            links,
         }
     }
 
@@ -393,6 +403,11 @@ impl Uploads {
     /// Where a completed upload downloads from.
     pub fn download_url(&self, id: UploadId) -> String {
         format!("{}{}{id}", self.settings.public_url.trim_end_matches('/'), self.settings.base_path)
+    }
+
+    /// The signer of download links.
+    pub fn links(&self) -> &Arc<links::DownloadLinks> {
+        &self.links
     }
 
     fn event(&self, kind: EventKind, upload: &UploadRow) -> NewEvent {

@@ -59,11 +59,97 @@ async fn tokens_guard_every_request(backend: Backend) {
     assert_eq!(as_user(Method::DELETE, &bob).send().await.unwrap().status(), 404);
     assert_eq!(app.tus(Method::HEAD, &url).send().await.unwrap().status(), 401);
     assert_eq!(patch(&alice).await.unwrap().status(), 204);
-    // Downloads take the token from the query too, for plain links.
-    let link = app.client.get(format!("{url}?token={alice}")).send().await.unwrap();
-    assert_eq!(link.status(), 200);
-    assert_eq!(link.bytes().await.unwrap(), "0123456789");
-    assert_eq!(app.client.get(format!("{url}?token={bob}")).send().await.unwrap().status(), 404);
+    assert_eq!(as_user(Method::GET, &alice).send().await.unwrap().bytes().await.unwrap(), "0123456789");
+    // A token is never taken from the URL, where proxies log it: plain links are signed ones.
+    let in_query = app.client.get(format!("{url}?token={alice}")).send().await.unwrap();
+    assert_eq!(in_query.status(), 401);
+    assert!(in_query.text().await.unwrap().contains("not taken from the URL"));
+}
+
+/// A signed link from `GET <upload>/link` (or a webhook): opens the completed upload with a plain
+/// GET until it expires; a changed id, expiry or signature, or an expired link, gets 403. Links are
+/// verified by the database's key, so they outlive the instance that made them.
+async fn signed_download_links(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |args| args.token_secret = Some(TOKEN_SECRET.into())).await;
+    let alice = token(TOKEN_SECRET, "alice", 600, None);
+    let bob = token(TOKEN_SECRET, "bob", 600, None);
+    let create = |length: u64| {
+        app.tus(Method::POST, &app.files).header("Upload-Length", length.to_string()).bearer_auth(&alice).send()
+    };
+    let url = header(&create(10).await.unwrap(), "location");
+    let link_of = |url: &str, token: Option<&str>| {
+        let request = app.client.get(format!("{url}/link"));
+        match token {
+            Some(token) => request.bearer_auth(token).send(),
+            None => request.send(),
+        }
+    };
+    let early = link_of(&url, Some(&alice)).await.unwrap();
+    assert_eq!(early.status(), 409, "no link before the upload is complete");
+    let patch = app
+        .tus(Method::PATCH, &url)
+        .bearer_auth(&alice)
+        .header("Upload-Offset", "0")
+        .header("Content-Type", "application/offset+octet-stream")
+        .body("0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patch.status(), 204);
+
+    assert_eq!(link_of(&url, None).await.unwrap().status(), 401, "a link needs a token");
+    assert_eq!(link_of(&url, Some(&bob)).await.unwrap().status(), 404, "another owner's upload is unknown");
+    let answer = link_of(&url, Some(&alice)).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(header(&answer, "cache-control"), "no-store");
+    let body: serde_json::Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+    let link = body["url"].as_str().unwrap().to_string();
+    assert!(link.starts_with(&format!("{url}?expires=")) && link.contains("&signature="), "{link}");
+    assert!(!link.contains("token") && !link.contains(&alice), "no token in {link}");
+    let expires_at = chrono::DateTime::parse_from_rfc3339(body["expires_at"].as_str().unwrap()).unwrap();
+    let left = expires_at.timestamp() - chrono::Utc::now().timestamp();
+    assert!((3500..=3601).contains(&left), "valid for --download-link-ttl (1h): {left} s left");
+
+    let get = |link: String| app.client.get(link).send();
+    let opened = get(link.clone()).await.unwrap();
+    assert_eq!(opened.status(), 200, "a plain GET of {link}");
+    assert_eq!(opened.bytes().await.unwrap(), "0123456789");
+    let ranged = app.client.get(&link).header("Range", "bytes=2-4").send().await.unwrap();
+    assert_eq!(ranged.status(), 206);
+    assert_eq!(ranged.bytes().await.unwrap(), "234");
+
+    // Altered: the signature, the expiry, the upload it names.
+    let (_, query) = link.split_once('?').unwrap();
+    let params: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let (expires, signature) = (params["expires"].clone(), params["signature"].clone());
+    let flipped = format!("{}{}", &signature[..signature.len() - 1], if signature.ends_with('A') { 'B' } else { 'A' });
+    let later = expires.parse::<u64>().unwrap() + 86_400;
+    let other = header(&create(3).await.unwrap(), "location");
+    for (what, altered) in [
+        ("signature", format!("{url}?expires={expires}&signature={flipped}")),
+        ("expiry", format!("{url}?expires={later}&signature={signature}")),
+        ("upload", format!("{other}?expires={expires}&signature={signature}")),
+        ("no signature", format!("{url}?expires={expires}")),
+    ] {
+        let refused = get(altered.clone()).await.unwrap();
+        assert_eq!(refused.status(), 403, "altered {what}: {altered}");
+        assert!(refused.text().await.unwrap().contains("download link"), "altered {what} says why");
+    }
+    // Expired: signed with the real key, an hour and a half ago.
+    let key = app.link_key().await;
+    let links = ferry::uploads::links::DownloadLinks::new(key, Duration::from_secs(3600));
+    let id: ferry::uploads::types::UploadId = url.rsplit('/').next().unwrap().parse().unwrap();
+    let (expired, _) = links.sign(&url, id, ferry::uploads::now_ms() - 90 * 60 * 1000);
+    let refused = get(expired.clone()).await.unwrap();
+    assert_eq!(refused.status(), 403, "{expired}");
+    assert!(refused.text().await.unwrap().contains("expired"));
+    // The same key signs links that open: the test's signer is ferry's.
+    let (fresh, _) = links.sign(&url, id, ferry::uploads::now_ms());
+    assert_eq!(get(fresh).await.unwrap().status(), 200);
+    // A link opens a download, nothing else: the draft's offset GET still needs a token.
+    let ietf = app.client.get(&link).header("upload-draft-interop-version", "8").send().await.unwrap();
+    assert_eq!(ietf.status(), 401, "the IETF draft's GET with a link's query");
 }
 
 /// A stub application whose pre-create hook answers with `status` and `body` after `delay`.
@@ -141,7 +227,7 @@ async fn pre_create_hook_decides(backend: Backend) {
     assert_eq!(app.upload_count().await, 0);
 }
 
-db_backend_tests!(tokens_guard_every_request, pre_create_hook_decides);
+db_backend_tests!(tokens_guard_every_request, signed_download_links, pre_create_hook_decides);
 
 /// With a webhook secret, the pre-create call is signed like a webhook, so the application can
 /// refuse calls that do not come from ferry.

@@ -1255,9 +1255,11 @@ async fn upload_tokens() {
 
     let anonymous = scene.app.http.post(format!("{}/upload-token", scene.app.base)).send().await.unwrap();
     assert_eq!(anonymous.status(), 401, "the app issues tokens to logged-in users only");
-    let (alice_token, alice_max) = scene.app.upload_token(&scene.app.login("alice").await).await;
+    let alice_cookie = scene.app.login("alice").await;
+    let bob_cookie = scene.app.login("bob").await;
+    let (alice_token, alice_max) = scene.app.upload_token(&alice_cookie).await;
     assert_eq!(alice_max, 1024 * MIB);
-    let (bob_token, _) = scene.app.upload_token(&scene.app.login("bob").await).await;
+    let (bob_token, _) = scene.app.upload_token(&bob_cookie).await;
     let alice = format!("Bearer {alice_token}");
     let bob = format!("Bearer {bob_token}");
     let as_alice = [("authorization", alice.as_str())];
@@ -1317,6 +1319,21 @@ async fn upload_tokens() {
         let payload = scene.app.completed_payload(upload).await;
         assert_eq!(payload["data"]["owner"], user, "the token's subject owns the upload: {payload:#}");
     }
+
+    // The app's download route sends the file's owner to a fresh signed link from ferry, which
+    // opens without a token and has none in it; another user gets 404.
+    assert!(scene.app.run_worker().await >= 4, "the worker recorded the completed files");
+    let download_route = format!("{}/files/{}/download", scene.app.base, upload_id(&url));
+    let to_ferry = scene.app.http.get(&download_route).header("cookie", &alice_cookie).send().await.unwrap();
+    assert_eq!(to_ferry.status(), 303, "GET {download_route} as alice");
+    let link = header(&to_ferry, "location");
+    assert!(link.contains("?expires=") && link.contains("&signature="), "a signed link: {link}");
+    assert!(!link.contains(&alice_token) && !link.contains("token"), "no token in {link}");
+    let download = ferry.http.get(&link).send().await.unwrap();
+    assert_eq!(download.status(), 200, "GET {link} without a token");
+    assert_eq!(download.bytes().await.unwrap().as_ref(), data.as_slice());
+    let as_bob = scene.app.http.get(&download_route).header("cookie", &bob_cookie).send().await.unwrap();
+    assert_eq!(as_bob.status(), 404, "bob may not download alice's file");
 }
 
 /// A size limit given at creation holds for an upload created with a deferred length: the
@@ -1382,4 +1399,19 @@ async fn size_limits_hold_for_deferred_lengths() {
         }
     }
     assert!(problems.is_empty(), "limits not enforced:\n{}", problems.join("\n"));
+}
+
+/// The example app's own tests (pytest, `examples/python/test_app.py`), so that the suite keeps
+/// them true: webhook verification, the worker, the pre-create hook, tokens and downloads.
+#[tokio::test]
+async fn the_example_apps_own_tests_pass() {
+    let output = tokio::process::Command::new(python())
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .current_dir(example_dir())
+        .output()
+        .await
+        .expect("run pytest");
+    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "pytest in examples/python failed:\n{report}");
+    assert!(report.contains(" passed"), "pytest ran no tests:\n{report}");
 }

@@ -123,7 +123,13 @@ async fn assert_uploaded(app: &TestApp, shown: &Value, data: &[u8]) {
     assert_eq!(text(shown, "state"), "done", "{shown}");
     assert_eq!(text(shown, "sha256"), sha256_hex(data), "the SHA-256 the page shows: {shown}");
     let url = text(shown, "url");
-    assert_eq!(shown["downloadHref"].as_str(), Some(url), "the download link is the upload URL: {shown}");
+    // The download link is the upload URL signed by ferry, opens without a token, and has none in it.
+    let href = text(shown, "downloadHref");
+    assert!(href.starts_with(&format!("{url}?expires=")) && href.contains("&signature="), "the link: {shown}");
+    assert!(!href.contains("token"), "no token in the link: {href}");
+    let plain = app.client.get(href).send().await.unwrap();
+    assert_eq!(plain.status(), 200, "GET {href} without a token");
+    assert_same_bytes(&format!("download of {href}"), &plain.bytes().await.unwrap(), data);
     let head = app.head(url).await;
     assert_eq!(header(&head, "upload-offset"), data.len().to_string());
     // The file's name went along as metadata (UTF-8, base64).
@@ -160,7 +166,7 @@ fn count_of(requests: &BTreeMap<String, u64>, method: &str) -> u64 {
 /// Every counted request spoke `protocol` (`tus` or `ietf` at interop version 9) and no other.
 fn assert_all_spoke(requests: &BTreeMap<String, u64>, protocol: &str) {
     assert!(!requests.is_empty(), "no requests were counted");
-    for key in requests.keys() {
+    for key in requests.keys().filter(|key| *key != "GET link") {
         assert_eq!(key.split(' ').nth(1), Some(protocol), "a request that did not speak {protocol}: {requests:?}");
     }
 }
@@ -322,6 +328,34 @@ async fn other_origins_may_import_the_module_and_read_what_options_says() {
 
 // ------------------------------------------------------------------------------------------------
 // The page
+
+/// With upload tokens, the page's download link is a signed one it asks ferry for with the
+/// token: it opens with a plain GET, and the token is not in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_the_page_links_to_a_signed_download() {
+    let secret = "a token secret that is long enough for HS256";
+    let app = TestApp::spawn_with(Backend::Sqlite, |args| args.token_secret = Some(secret.into())).await;
+    let token = token_for("alice", secret);
+    let files = Files::new();
+    let data = files.add("signed.bin", 3 * MIB + 5, 21);
+    let script = args(&[
+        ("url", &format!("{}/{FIXED_CHUNKS}#token={token}", app.base)),
+        ("scenario", "upload"),
+        ("file", &files.path("signed.bin")),
+    ]);
+    let result = run_script("page.mjs", &script).await;
+
+    let shown = only_file(&result);
+    assert_eq!(text(shown, "state"), "done", "{shown}");
+    let url = text(shown, "url");
+    let href = text(shown, "downloadHref");
+    assert!(href.starts_with(&format!("{url}?expires=")) && href.contains("&signature="), "the link: {href}");
+    assert!(!href.contains(&token), "no token in the link: {href}");
+    assert_eq!(app.client.get(url).send().await.unwrap().status(), 401, "the upload URL itself needs the token");
+    let plain = app.client.get(href).send().await.unwrap();
+    assert_eq!(plain.status(), 200, "GET {href} without a token");
+    assert_same_bytes("the signed download", &plain.bytes().await.unwrap(), &data);
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_uploads_several_files_and_shows_their_sha256() {

@@ -735,3 +735,33 @@ async fn ietf_uploads_move_between_instances(storage: Storage) {
         assert_eq!(node.offset(&url).await as usize, data.len(), "tus HEAD through {}", node.name);
     }
 }
+
+/// A download link made by one instance opens on another, and after every instance has
+/// restarted: its key is the database's, made once by whichever instance started first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_links_open_on_every_instance() {
+    let mut cluster = Cluster::start(Storage::Local, 2, &[]).await;
+    let data = random_bytes(100_000, 41);
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let url = a.create(data.len() as u64).await;
+    assert_eq!(a.patch(&url, 0, data.clone()).await.status(), 204);
+    let answer = a.client.get(format!("{}/link", a.at(&url))).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let body: serde_json::Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+    let link = body["url"].as_str().unwrap().to_string();
+    let (_, query) = link.split_once('?').unwrap();
+    // The signature covers the upload and the expiry, not the address ferry is reached at.
+    let on_b = format!("{}?{query}", b.at(&url));
+    let opened = b.client.get(&on_b).send().await.unwrap();
+    assert_eq!(opened.status(), 200, "{on_b}");
+    assert_same_bytes("through the other instance", &opened.bytes().await.unwrap(), &data);
+    let forged = format!("{}?{}", b.at(&url), query.replace("expires=", "expires=1"));
+    assert_eq!(b.client.get(&forged).send().await.unwrap().status(), 403);
+
+    cluster.restart(0).await;
+    cluster.restart(1).await;
+    for node in &cluster.nodes {
+        let again = node.client.get(format!("{}?{query}", node.at(&url))).send().await.unwrap();
+        assert_eq!(again.status(), 200, "after the restarts, on {}", node.name);
+    }
+}

@@ -287,6 +287,22 @@ impl TestApp {
         }
     }
 
+    /// The key download links are signed with, as the database keeps it.
+    pub async fn link_key(&self) -> Vec<u8> {
+        use sqlx::Connection;
+        let query = "SELECT value FROM secrets WHERE name = 'download-links'";
+        match self.backend {
+            Backend::Sqlite => {
+                let mut conn = sqlx::SqliteConnection::connect(&self.db_url).await.unwrap();
+                sqlx::query_scalar(query).fetch_one(&mut conn).await.unwrap()
+            }
+            Backend::Postgres | Backend::S3 | Backend::Azure => {
+                let mut conn = sqlx::PgConnection::connect(&self.db_url).await.unwrap();
+                sqlx::query_scalar(query).fetch_one(&mut conn).await.unwrap()
+            }
+        }
+    }
+
     /// What the store holds: files in the `uploads/` folder, or for S3 the bucket's objects
     /// (`<id>` or `staging/<id>/...`) and unfinished multipart uploads (`multipart <id>`).
     pub fn stored_files(&self) -> Vec<String> {

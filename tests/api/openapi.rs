@@ -602,6 +602,7 @@ async fn document_matches_server(backend: Backend) {
     c.send(app.client.head(&url), 200).await;
     c.send(app.client.head(&url).header("Tus-Resumable", "0.2.2"), 412).await;
     c.send(app.client.get(&url), 409).await;
+    c.send(app.client.get(format!("{url}/link")), 409).await;
 
     let patch = |offset: &str| app.tus(Method::PATCH, &url).header("Upload-Offset", offset);
     c.send(patch("0").body("hello "), 415).await;
@@ -653,6 +654,16 @@ async fn document_matches_server(backend: Backend) {
     assert_eq!(c.send(rest, 206).await.text().await.unwrap(), "world");
     let fresh = c.send(app.client.get(&url).header("If-None-Match", &etag), 304).await;
     assert_eq!(header(&fresh, "etag"), etag);
+    // Signed links.
+    let link = c.send(app.client.get(format!("{url}/link")), 200).await;
+    let link: Value = serde_json::from_slice(&link.bytes().await.unwrap()).unwrap();
+    let schema = serde_json::json!({"$ref": "#/components/schemas/DownloadLink"});
+    let problems = c.spec.check_object(c.spec.resolve(&schema), &link);
+    assert!(problems.is_empty(), "the link's body: {problems:?}");
+    let signed = link["url"].as_str().unwrap();
+    assert_eq!(c.send(app.client.get(signed), 200).await.bytes().await.unwrap().as_ref(), data);
+    c.send(app.client.get(signed.replace("expires=", "expires=9")), 403).await;
+    c.send(app.client.get(format!("{unknown}/link")), 404).await;
     let outside = c.send(app.client.get(&url).header("Range", "bytes=11-"), 416).await;
     assert_eq!(header(&outside, "content-range"), "bytes */11");
 

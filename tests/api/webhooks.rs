@@ -121,6 +121,15 @@ async fn completed_upload_events(backend: Backend) {
     assert!(data["url"].as_str().unwrap().ends_with(&format!("/files/{id}")));
     assert!(data["location"].as_str().unwrap().ends_with(id));
     assert!(data["completed_at"].is_string());
+    // A signed link, made at delivery and valid for --download-link-ttl from then, opens it.
+    let link = data["download_url"].as_str().unwrap();
+    assert!(link.starts_with(&format!("{}?expires=", data["url"].as_str().unwrap())), "{link}");
+    let expires_at = chrono::DateTime::parse_from_rfc3339(data["download_url_expires_at"].as_str().unwrap()).unwrap();
+    assert!((expires_at.timestamp() - chrono_now() - 3600).abs() < 60, "an hour from delivery: {expires_at}");
+    let opened = app.client.get(link).send().await.unwrap();
+    assert_eq!(opened.status(), 200);
+    assert_eq!(opened.bytes().await.unwrap(), "hello world");
+    assert!(deliveries[0].json()["data"].get("download_url").is_none(), "only completed uploads get a link");
     // A tampered body no longer matches its signature.
     let mut tampered = deliveries[1].clone();
     tampered.body = tampered.body.replace("hello.txt", "evil.txt");
@@ -293,10 +302,19 @@ async fn failures_are_retried_in_order(backend: Backend) {
     };
     assert_eq!(of(&upload), ["upload.created", "upload.completed"]);
     assert_eq!(of(&doomed), ["upload.created", "upload.terminated"]);
-    // Redeliveries of one event carry the same id and body.
+    // Redeliveries of one event carry the same id and body, but for the download link, which each
+    // delivery signs afresh.
+    let unsigned = |delivery: &Delivery| {
+        let mut body = delivery.json();
+        if let Some(data) = body["data"].as_object_mut() {
+            data.remove("download_url");
+            data.remove("download_url_expires_at");
+        }
+        body
+    };
     for delivery in &deliveries {
         let first = first_seen.iter().find(|d| d.id == delivery.id).unwrap();
-        assert_eq!(first.body, delivery.body);
+        assert_eq!(unsigned(first), unsigned(delivery));
     }
 }
 

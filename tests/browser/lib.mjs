@@ -139,6 +139,11 @@ export function recordProtocols(page, endpointUrl) {
   page.on('request', (request) => {
     const url = new URL(request.url())
     if (url.origin !== endpoint.origin || !url.pathname.startsWith(endpoint.pathname)) return
+    // The page's request for a signed download link is not part of either upload protocol.
+    if (request.method() === 'GET' && url.pathname.endsWith('/link')) {
+      counts['GET link'] = (counts['GET link'] ?? 0) + 1
+      return
+    }
     const headers = request.headers()
     const interop = headers['upload-draft-interop-version']
     const tus = 'tus-resumable' in headers

@@ -71,7 +71,8 @@ async function open(page) {
 async function done(page, name, limitMs = 60000) {
   const selector = `#uploads li.upload[data-name="${name}"]`
   await Promise.race([
-    page.waitForSelector(`${selector}[data-state="done"]`, { timeout: limitMs }),
+    // Done, with its download link (a signed one the page asks ferry for) on show.
+    page.waitForSelector(`${selector}[data-state="done"] .download:not([hidden])`, { timeout: limitMs }),
     page.waitForSelector(`${selector}[data-state="error"]`, { timeout: limitMs }).then(async () => {
       throw new Error(`${name} failed on the page: ${JSON.stringify(await row(page, name))}`)
     }),

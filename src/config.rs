@@ -95,6 +95,18 @@ impl DatabaseArgs {
             None => format!("sqlite://{}", self.data_dir.join("ferry.db").display()),
         }
     }
+
+    /// The folder of the SQLite database file, when the database is SQLite (not in memory).
+    pub fn sqlite_folder(&self) -> Option<PathBuf> {
+        let url = self.url();
+        let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+        let file = rest.split('?').next().unwrap_or_default();
+        if file.is_empty() || file == ":memory:" {
+            return None;
+        }
+        let parent = std::path::Path::new(file).parent()?;
+        Some(if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent.to_path_buf() })
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -266,6 +278,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FERRY_MIN_FREE_SPACE", default_value = "auto", value_parser = parse_min_free_space)]
     pub min_free_space: MinFreeSpace,
 
+    /// Room kept beside the SQLite database (a file, `EMERGENCY_BALLAST`) and released when the
+    /// volume is so full that a termination or expiry cannot be recorded (`auto`: 1% of the
+    /// volume, at most 32 MiB; `0`: none).
+    #[arg(long, env = "FERRY_EMERGENCY_BALLAST", default_value = "auto", value_parser = parse_ballast_size)]
+    pub emergency_ballast: BallastSize,
+
     /// How often the background sweeper looks for expired uploads and leftover bytes.
     #[arg(long, env = "FERRY_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
@@ -333,6 +351,34 @@ impl MinFreeSpace {
             Self::Auto => (1u64 << 30).min(total / 20),
             Self::Bytes(bytes) => bytes,
         }
+    }
+}
+
+/// `--emergency-ballast`: the room kept beside a SQLite database for recording terminations on
+/// a volume full to the last byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BallastSize {
+    /// 1% of the volume, at most 32 MiB.
+    Auto,
+    /// This many bytes (0: no ballast).
+    Bytes(u64),
+}
+
+impl BallastSize {
+    /// The ballast in bytes on a volume of `total` bytes.
+    pub fn of(self, total: u64) -> u64 {
+        match self {
+            Self::Auto => (total / 100).min(32 << 20),
+            Self::Bytes(bytes) => bytes,
+        }
+    }
+}
+
+fn parse_ballast_size(value: &str) -> Result<BallastSize, String> {
+    match value.trim() {
+        "auto" => Ok(BallastSize::Auto),
+        "0" => Ok(BallastSize::Bytes(0)),
+        other => parse_size(other).map(BallastSize::Bytes),
     }
 }
 

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::ServeArgs,
+    config::{BallastSize, ServeArgs},
     hooks::{
         Dispatcher, WebhookSettings,
         precreate::{PreCreate, PreCreateSettings},
@@ -25,6 +25,7 @@ use crate::{
     telemetry::Metrics,
     uploads::{
         Settings, Uploads,
+        ballast::Ballast,
         links::{self, DownloadLinks},
     },
 };
@@ -98,7 +99,13 @@ impl App {
             anyhow::bail!("the database holds a download link key of {} bytes; 32 or more are needed", key.len());
         }
         let links = Arc::new(DownloadLinks::new(key, args.download_link_ttl));
-        let uploads = Uploads::new(repo, store, settings, metrics, links).with_precreate(precreate);
+        let ballast = (args.emergency_ballast != BallastSize::Bytes(0))
+            .then(|| args.database.sqlite_folder())
+            .flatten()
+            .map(|folder| Ballast::in_folder(&folder, args.emergency_ballast));
+        let uploads =
+            Uploads::new(repo, store, settings, metrics, links).with_precreate(precreate).with_ballast(ballast);
+        uploads.ensure_ballast().await;
         let state = AppState {
             uploads: uploads.clone(),
             base_path: args.base_path.clone(),

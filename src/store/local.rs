@@ -51,7 +51,7 @@ impl LocalStore {
 }
 
 /// The free space of the volume holding `path` (statvfs(3)).
-fn volume_space(path: &std::path::Path) -> io::Result<super::Space> {
+pub(crate) fn volume_space(path: &std::path::Path) -> io::Result<super::Space> {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))?;

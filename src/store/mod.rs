@@ -5,7 +5,7 @@
 //! whose parts the repo records, so any instance can add the next part or complete it).
 
 mod instrumented;
-mod local;
+pub(crate) mod local;
 mod object;
 
 use std::{ops::Range, sync::Arc, time::Duration};

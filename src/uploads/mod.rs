@@ -2,6 +2,7 @@
 
 mod admission;
 mod append;
+pub mod ballast;
 pub mod events;
 pub mod links;
 mod pieces;
@@ -326,6 +327,8 @@ pub struct Uploads {
     precreate: Option<Arc<crate::hooks::precreate::PreCreate>>,
     /// Signs the download links of completed uploads.
     links: Arc<links::DownloadLinks>,
+    /// Room kept beside a SQLite database for recording terminations on a full volume.
+    ballast: Option<Arc<ballast::Ballast>>,
     /// The free space kept on a local store's volume.
     reserve: space::Reserve,
 }
@@ -354,6 +357,51 @@ impl Uploads {
             budget: Budget::new(settings_budget),
             precreate: None,
             links,
+            ballast: None,
+        }
+    }
+
+    /// Keeps `ballast` for recording terminations and expiries on a full volume.
+    pub fn with_ballast(mut self, ballast: Option<Arc<ballast::Ballast>>) -> Self {
+        self.ballast = ballast;
+        self
+    }
+
+    /// Makes the emergency ballast where it is missing and there is room (at start and by the
+    /// sweeper).
+    pub async fn ensure_ballast(&self) {
+        let Some(ballast) = &self.ballast else { return };
+        match ballast.ensure(self.settings.min_free_space).await {
+            Ok(true) => {}
+            Ok(false) => tracing::debug!(path = %ballast.path().display(), "no room for the emergency ballast yet"),
+            Err(e) => {
+                tracing::warn!(path = %ballast.path().display(), error = %e, "could not make the emergency ballast")
+            }
+        }
+    }
+
+    /// A database write that frees space (a termination, an expiry): when the database's volume
+    /// is full, the emergency ballast is released and the write tried once more.
+    async fn freeing<T, F, Fut>(&self, id: UploadId, write: F) -> std::result::Result<T, RepoError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, RepoError>>,
+    {
+        match write().await {
+            Err(e) if e.is_disk_full() => {
+                let Some(ballast) = &self.ballast else { return Err(e) };
+                if !ballast.release().await {
+                    return Err(e);
+                }
+                tracing::warn!(
+                    upload = %id,
+                    path = %ballast.path().display(),
+                    "the database's volume is full: released the emergency ballast to record the change; \
+                     it is made again once there is room"
+                );
+                write().await
+            }
+            other => other,
         }
     }
 
@@ -650,7 +698,8 @@ impl Uploads {
         self.writers.settled(id).await;
         let row = self.load_owned(id, owner).await?;
         let events = [self.event(EventKind::Terminated, &row)];
-        if !self.repo.terminate(id, now_ms(), &events).await? {
+        let now = now_ms();
+        if !self.freeing(id, || self.repo.terminate(id, now, &events)).await? {
             self.load(id).await?;
             return Err(UploadError::Conflict("the upload changed while it was being terminated; try again".into()));
         }
@@ -759,12 +808,14 @@ impl Uploads {
     /// One pass of the sweeper: expires idle incomplete uploads, deletes leftover bytes,
     /// forgets old tombstones. Safe to run on several instances at once.
     pub async fn sweep(&self) -> Result<()> {
+        self.ensure_ballast().await;
         let now = now_ms();
         loop {
             let due = self.repo.expiring(now, 100).await?;
             for row in &due {
                 let gone = UploadRow { state: UploadState::Expired, ..row.clone() };
-                if self.repo.expire(row.id, now, &[self.event(EventKind::Expired, &gone)]).await? {
+                let events = [self.event(EventKind::Expired, &gone)];
+                if self.freeing(row.id, || self.repo.expire(row.id, now, &events)).await? {
                     self.metrics.uploads_expired.inc();
                     tracing::info!(upload = %row.id, "upload expired");
                 }

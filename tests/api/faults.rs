@@ -188,6 +188,75 @@ async fn a_write_that_meets_enospc_gets_507_and_the_upload_resumes() {
     assert_eq!(app.download(&url).await, data);
 }
 
+/// Writes zeros to `path` until the volume is full.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).expect("a filler file");
+    let block = vec![0u8; 64 * 1024];
+    loop {
+        if let Err(e) = file.write_all(&block).and_then(|()| file.sync_all()) {
+            assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling {}: {e}", path.display());
+            return;
+        }
+    }
+}
+
+/// Something other than ferry fills the volume to the last byte, past `--min-free-space`, and
+/// SQLite's WAL has no room left either: DELETE still works, because ferry releases its emergency
+/// ballast to record the termination, then frees the upload's bytes (so HEAD never reports bytes
+/// that are gone). Once there is room again, the ballast is made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_on_a_volume_full_to_the_last_byte_frees_the_bytes() {
+    let Some(volume) = Tmpfs::mount("24m") else { return };
+    let db_url = format!("sqlite://{}", volume.path().join("ferry.db").display());
+    let mut args = serve_args(volume.path(), &db_url);
+    args.min_free_space = MinFreeSpace::Bytes(0);
+    args.emergency_ballast = ferry::config::BallastSize::Auto;
+    args.sweep_interval = Duration::from_millis(500);
+    let mut app = TestApp::start(Backend::Sqlite, tempfile::tempdir().unwrap(), db_url, args).await;
+    let ballast = volume.path().join("EMERGENCY_BALLAST");
+    let ballast_size = std::fs::metadata(&ballast).expect("the ballast is made at start").len();
+    assert_eq!(ballast_size, (24 * MIB as u64) / 100, "1% of the volume");
+    let data = random_bytes(6 * MIB, 134);
+    let url = app.create(data.len() as u64).await;
+    patch_rest(&app, &url, &data[..4 * MIB], 0, 2 * MIB).await;
+
+    // SQLite's WAL truncated, so that any write needs new blocks, then the volume full to the
+    // last byte.
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&app.db_url).await.unwrap();
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(&mut conn).await.unwrap();
+    }
+    fill(&volume.path().join("filler-1"));
+    fill(&volume.path().join("filler-2"));
+    assert_eq!(app.patch(&url, 4 * MIB as u64, data[4 * MIB..].to_vec()).await.status(), 507, "no room for bytes");
+
+    let deleted = app.tus(Method::DELETE, &url).send().await.unwrap();
+    assert_eq!(deleted.status(), 204, "DELETE on a full volume: {}", deleted.text().await.unwrap_or_default());
+    assert!(!ballast.exists(), "the ballast was released to record the termination");
+    assert_eq!(app.head(&url).await.status(), 410, "the termination is recorded");
+    let upload_id = url.rsplit('/').next().unwrap().to_string();
+    wait_for("the upload's bytes deleted", Duration::from_secs(10), || {
+        let stored = app.stored_files();
+        let id = upload_id.clone();
+        async move { !stored.iter().any(|f| f.contains(&id)) }
+    })
+    .await;
+
+    // Room again: the sweeper makes the ballast again, and uploads work.
+    for filler in ["filler-1", "filler-2"] {
+        std::fs::remove_file(volume.path().join(filler)).unwrap();
+    }
+    wait_for("the ballast made again", Duration::from_secs(30), || async {
+        std::fs::metadata(&ballast).is_ok_and(|m| m.len() == ballast_size)
+    })
+    .await;
+    let fresh = app.upload(&data, 2 * MIB).await;
+    assert_eq!(app.download(&fresh).await, data);
+    app.stop().await.unwrap();
+}
+
 // ------------------------------------------------------------------- database unavailable
 
 /// A PostgreSQL of the test's own, run as the `postgres` user from Debian's binaries, on a free

@@ -109,6 +109,9 @@ pub fn serve_args(dir: &std::path::Path, db_url: &str) -> ServeArgs {
         db_url,
         "--listen",
         "127.0.0.1:0",
+        // Small: hundreds of instances start in a run (tests/api/faults.rs tests the default).
+        "--emergency-ballast",
+        "64KiB",
     ]);
     cli.serve
 }

@@ -453,12 +453,43 @@ enum Fault {
     Stall,
     /// The connection is closed without an answer.
     Reset,
+    /// The call reaches the store and is carried out, but its answer is lost (the connection is
+    /// closed instead).
+    LoseAnswer,
 }
 
-type Faults = std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Fault>>>;
+/// The store calls faults are queued for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// `PUT ...?partNumber=`: a part upload.
+    PartPut,
+    /// `POST ...?uploadId=`: CompleteMultipartUpload.
+    Complete,
+    /// `GET` of an object (not a listing).
+    Get,
+    /// `DELETE` of an object or of a multipart upload, or `POST ?delete` (DeleteObjects, which
+    /// object_store deletes with).
+    Delete,
+}
 
-/// An HTTP proxy between ferry and the S3 API that forwards every call, except that part
-/// uploads (`PUT ...?partNumber=`) take the faults queued, one each, first.
+impl Call {
+    fn of(method: &hyper::Method, path: &str, query: &str) -> Option<Self> {
+        let object = path.trim_start_matches('/').contains('/');
+        match *method {
+            hyper::Method::PUT if query.contains("partNumber=") => Some(Self::PartPut),
+            hyper::Method::POST if query.contains("uploadId=") => Some(Self::Complete),
+            hyper::Method::POST if query.split('&').any(|p| p == "delete" || p == "delete=") => Some(Self::Delete),
+            hyper::Method::GET if object && !query.contains("uploadId=") => Some(Self::Get),
+            hyper::Method::DELETE if object => Some(Self::Delete),
+            _ => None,
+        }
+    }
+}
+
+type Faults = std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<(Call, Fault)>>>;
+
+/// An HTTP proxy between ferry and the S3 API that forwards every call, except that the calls
+/// faults are queued for take them, one each, first (in the order queued, per kind of call).
 struct FaultProxy {
     url: String,
     faults: Faults,
@@ -486,8 +517,8 @@ impl FaultProxy {
         Self { url, faults }
     }
 
-    fn queue(&self, faults: &[Fault]) {
-        self.faults.lock().unwrap().extend(faults);
+    fn queue(&self, call: Call, faults: &[Fault]) {
+        self.faults.lock().unwrap().extend(faults.iter().map(|fault| (call, *fault)));
     }
 
     fn left(&self) -> usize {
@@ -509,8 +540,11 @@ async fn forward(
     let (parts, body) = request.into_parts();
     let body = body.collect().await.map_err(std::io::Error::other)?.to_bytes();
     let query = parts.uri.query().unwrap_or_default();
-    let is_part = parts.method == hyper::Method::PUT && query.contains("partNumber=");
-    let fault = if is_part { faults.lock().unwrap().pop_front() } else { None };
+    let fault = Call::of(&parts.method, parts.uri.path(), query).and_then(|call| {
+        let mut queued = faults.lock().unwrap();
+        let at = queued.iter().position(|(c, _)| *c == call)?;
+        queued.remove(at).map(|(_, fault)| fault)
+    });
     let answer = |status: u16, code: &str| {
         let xml = format!("<?xml version=\"1.0\"?><Error><Code>{code}</Code><Message>injected</Message></Error>");
         Ok(hyper::Response::builder().status(status).body(http_body_util::Full::new(xml.into())).unwrap())
@@ -523,7 +557,7 @@ async fn forward(
             return answer(500, "InternalError");
         }
         Some(Fault::Reset) => return Err(std::io::Error::other("injected reset")),
-        None => {}
+        Some(Fault::LoseAnswer) | None => {}
     }
     let target = format!("{upstream}{}", parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
     let mut headers = parts.headers.clone();
@@ -538,6 +572,9 @@ async fn forward(
         }
     }
     let bytes = response.bytes().await.map_err(std::io::Error::other)?;
+    if fault == Some(Fault::LoseAnswer) {
+        return Err(std::io::Error::other("injected: the answer is lost"));
+    }
     Ok(builder.body(http_body_util::Full::new(bytes)).unwrap())
 }
 
@@ -565,7 +602,7 @@ async fn app_behind(proxy: &FaultProxy, budget: Duration) -> TestApp {
 async fn store_faults_are_retried_and_leave_nothing_behind() {
     let proxy = FaultProxy::start(crate::s3api::S3Credentials::from_env().endpoint).await;
     let app = app_behind(&proxy, Duration::from_secs(10)).await;
-    proxy.queue(&[Fault::SlowDown, Fault::ServerError, Fault::Stall, Fault::Reset, Fault::SlowDown]);
+    proxy.queue(Call::PartPut, &[Fault::SlowDown, Fault::ServerError, Fault::Stall, Fault::Reset, Fault::SlowDown]);
     let data = random_bytes(24 * MIB + 5, 150);
     let url = app.create(data.len() as u64).await;
     patch_rest(&app, &url, &data, 0, 8 * MIB).await;
@@ -590,7 +627,7 @@ async fn a_store_failing_past_the_budget_gets_503_and_the_upload_resumes() {
     let data = random_bytes(16 * MIB, 151);
     let url = app.create(data.len() as u64).await;
     assert_eq!(app.patch(&url, 0, data[..8 * MIB].to_vec()).await.status(), 204);
-    proxy.queue(&[Fault::SlowDown; 200]);
+    proxy.queue(Call::PartPut, &[Fault::SlowDown; 200]);
     let started = Instant::now();
     let response = app.patch(&url, 8 * MIB as u64, data[8 * MIB..].to_vec()).await;
     assert_eq!(response.status(), 503, "a store failing past the budget");
@@ -603,4 +640,78 @@ async fn a_store_failing_past_the_budget_gets_503_and_the_upload_resumes() {
     proxy.clear();
     assert_eq!(app.patch(&url, 8 * MIB as u64, data[8 * MIB..].to_vec()).await.status(), 204);
     assert_eq!(app.download(&url).await, data);
+}
+
+/// Calls that reach the store but whose answers are lost: a part upload (sent again, under the
+/// same number) and the CompleteMultipartUpload of the last PATCH (which ferry cannot repeat:
+/// the multipart upload is gone; it finds the object there instead). The upload completes once,
+/// byte-exact, as one object with no multipart upload left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_answers_of_a_part_and_of_the_completion_change_nothing() {
+    let proxy = FaultProxy::start(crate::s3api::S3Credentials::from_env().endpoint).await;
+    let (receiver, hook) = Receiver::start(Vec::new()).await;
+    let url = proxy.url.clone();
+    let app = TestApp::spawn_with(Backend::S3, move |args| {
+        for (key, value) in &mut args.store_options {
+            if key == "aws_endpoint" {
+                *value = url.clone();
+            }
+        }
+        args.store_timeout = Duration::from_secs(1);
+        args.webhook_url = Some(hook);
+    })
+    .await;
+    proxy.queue(Call::PartPut, &[Fault::LoseAnswer]);
+    proxy.queue(Call::Complete, &[Fault::LoseAnswer]);
+    let data = random_bytes(24 * MIB + 9, 152);
+    let url = app.create(data.len() as u64).await;
+    patch_rest(&app, &url, &data, 0, 8 * MIB).await;
+    assert_eq!(proxy.left(), 0, "both answers were lost");
+    assert_eq!(offset_of(&app, &url).await, data.len());
+    assert_eq!(app.download(&url).await, data);
+    let bucket = app.bucket.as_ref().unwrap();
+    let inventory = bucket.inventory().await;
+    let id = url.rsplit('/').next().unwrap().to_string();
+    assert_eq!(inventory.len(), 1, "one object, no multipart upload: {inventory:?}");
+    assert!(inventory[0].contains(&format!("uploads/{id} ({})", data.len())), "{inventory:?}");
+    wait_for("upload.completed", Duration::from_secs(20), || async {
+        receiver.all().iter().any(|d| d.kind() == "upload.completed")
+    })
+    .await;
+    let completed: Vec<_> = receiver.all().into_iter().filter(|d| d.kind() == "upload.completed").collect();
+    let ids: std::collections::HashSet<_> = completed.iter().map(|d| d.id.clone()).collect();
+    assert_eq!(ids.len(), 1, "one completion event: {completed:?}");
+}
+
+/// Downloads whose GET is answered `503 SlowDown`, `500` and a reset are retried before any byte
+/// is sent, and arrive byte-exact. A deletion the store keeps refusing past the budget does not
+/// fail the DELETE (the termination is recorded; the bytes are the sweeper's to free), and the
+/// sweeper frees them once the store answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_and_deletions_ride_out_store_faults() {
+    let proxy = FaultProxy::start(crate::s3api::S3Credentials::from_env().endpoint).await;
+    let app = app_behind(&proxy, Duration::from_secs(2)).await;
+    let data = random_bytes(9 * MIB + 1, 153);
+    let url = app.create(data.len() as u64).await;
+    patch_rest(&app, &url, &data, 0, 8 * MIB).await;
+
+    proxy.queue(Call::Get, &[Fault::SlowDown, Fault::ServerError, Fault::Reset]);
+    assert_eq!(app.download(&url).await, data);
+    assert_eq!(proxy.left(), 0, "every GET fault was met");
+    let ranged = app.client.get(&url).header("Range", "bytes=100-199").send().await.unwrap();
+    assert_eq!(ranged.status(), 206);
+    assert_eq!(ranged.bytes().await.unwrap().as_ref(), &data[100..200]);
+
+    proxy.queue(Call::Delete, &[Fault::ServerError; 100]);
+    let deleted = app.tus(Method::DELETE, &url).send().await.unwrap();
+    assert_eq!(deleted.status(), 204, "DELETE while the store refuses deletions");
+    assert_eq!(app.head(&url).await.status(), 410);
+    assert!(proxy.left() < 100, "the store was asked");
+    let bucket = app.bucket.as_ref().unwrap();
+    assert!(!bucket.inventory().await.is_empty(), "the bytes are still there while the store refuses");
+    proxy.clear();
+    wait_for("the bucket empty after the sweeper", Duration::from_secs(30), || async {
+        bucket.inventory().await.is_empty()
+    })
+    .await;
 }

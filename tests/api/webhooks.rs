@@ -17,7 +17,7 @@ pub(crate) const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 #[derive(Clone, Debug)]
 pub(crate) struct Delivery {
-    id: String,
+    pub(crate) id: String,
     timestamp: i64,
     signature: String,
     body: String,

@@ -110,7 +110,7 @@ impl Store for LocalStore {
     }
 
     async fn append(&self, context: AppendContext) -> Result<Box<dyn Appender>> {
-        let AppendContext { id, offset, generation, upload, stop, .. } = context;
+        let AppendContext { id, offset, generation, upload, stop, check, .. } = context;
         // Nothing is opened here: the write stage's thread opens the files with its first write,
         // so an append costs no extra trip to a blocking thread.
         Ok(Box::new(LocalAppender {
@@ -120,6 +120,8 @@ impl Store for LocalStore {
             generation,
             position: offset,
             stop,
+            check,
+            runtime: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -196,6 +198,9 @@ struct LocalAppender {
     generation: i64,
     position: u64,
     stop: tokio_util::sync::CancellationToken,
+    /// Asked when the lock file records a newer generation than this writer's.
+    check: std::sync::Arc<dyn super::WriterCheck>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl LocalAppender {
@@ -206,7 +211,13 @@ impl LocalAppender {
         let lock = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&self.lock_path)?;
         lock.lock()?;
         let registered = read_generation(&lock).and_then(|newest| {
-            if newest > self.generation {
+            // A newer generation in the lock file is a newer writer, unless the database says
+            // this one is the newest: then the database lost the leases that handed the newer
+            // numbers out (a PostgreSQL crash before its WAL was flushed), and their writers
+            // are long gone, since their commits were lost with them.
+            if newest > self.generation
+                && !self.runtime.block_on(self.check.is_newest()).map_err(|e| io::Error::other(e.to_string()))?
+            {
                 return Ok(false);
             }
             let mut file = &lock;

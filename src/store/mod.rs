@@ -102,6 +102,13 @@ pub trait WriterCheck: Send + Sync {
 
     /// Lets other writers upload parts again.
     async fn end_part(&self);
+
+    /// Whether the database still names this writer's generation as the upload's newest. A
+    /// local store asks when its lock file records a newer one: a PostgreSQL that crashed loses
+    /// the last leases it had not flushed, and hands their generations out again.
+    async fn is_newest(&self) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// Everything an append needs to continue an upload.

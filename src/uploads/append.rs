@@ -431,6 +431,12 @@ impl WriterCheck for CurrentWriter {
         }
     }
 
+    async fn is_newest(&self) -> std::result::Result<bool, StoreError> {
+        let row =
+            self.repo.get(self.id).await.map_err(|e| StoreError::Other(format!("could not read the upload: {e}")))?;
+        Ok(row.is_some_and(|row| row.write_gen == self.generation && row.state == UploadState::Receiving))
+    }
+
     async fn end_part(&self) {
         if let Err(e) = self.repo.release_part_upload(self.id, self.generation).await {
             tracing::warn!(upload = %self.id, error = %e, "could not release a part-upload claim; it lapses by itself");

@@ -430,6 +430,27 @@ async fn database_goes_away(kill: bool) {
     assert_eq!(completed(), 1, "upload.completed arrives once");
 }
 
+/// A PostgreSQL killed with SIGKILL loses the leases it had not flushed yet (ferry commits
+/// them without waiting for the WAL), and hands their writer generations out again, lower than
+/// what the local store's lock file recorded. The database is the truth of who the newest writer
+/// is: the upload goes on, and a genuinely newer writer is still fenced off (tests/api/pipeline.rs).
+async fn a_database_that_lost_leases_does_not_lock_the_upload_out(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let data = random_bytes(2 * MIB + 3, 141);
+    let url = app.create(data.len() as u64).await;
+    assert_eq!(app.patch(&url, 0, data[..MIB].to_vec()).await.status(), 204);
+    // As after the loss: the lock file names a generation the database never handed out.
+    let id = url.rsplit('/').next().unwrap();
+    let lock = app.store_dir.join("uploads").join(format!("{id}.lock"));
+    let recorded = i64::from_le_bytes(std::fs::read(&lock).expect("the lock file")[..8].try_into().unwrap());
+    std::fs::write(&lock, (recorded + 100).to_le_bytes()).unwrap();
+    let response = app.patch(&url, MIB as u64, data[MIB..].to_vec()).await;
+    assert_eq!(response.status(), 204, "{}", response.text().await.unwrap_or_default());
+    assert_eq!(app.download(&url).await, data);
+}
+
+crate::db_backend_tests!(a_database_that_lost_leases_does_not_lock_the_upload_out);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_mid_upload() {
     database_goes_away(false).await;

@@ -96,15 +96,16 @@ impl DatabaseArgs {
         }
     }
 
-    /// The folder of the SQLite database file, when the database is SQLite (not in memory).
+    /// The folder of the SQLite database file, when the database is SQLite (not in memory),
+    /// read the way sqlx reads the URL.
     pub fn sqlite_folder(&self) -> Option<PathBuf> {
-        let url = self.url();
-        let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
-        let file = rest.split('?').next().unwrap_or_default();
-        if file.is_empty() || file == ":memory:" {
+        use std::str::FromStr;
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&self.url()).ok()?;
+        let file = options.get_filename();
+        if file.as_os_str().is_empty() || file.to_string_lossy().contains(":memory:") {
             return None;
         }
-        let parent = std::path::Path::new(file).parent()?;
+        let parent = file.parent()?;
         Some(if parent.as_os_str().is_empty() { PathBuf::from(".") } else { parent.to_path_buf() })
     }
 }
@@ -152,7 +153,7 @@ pub struct ServeArgs {
 
     /// How long a signed download link stays valid: the links on the upload page, in
     /// `upload.completed` webhooks (counted from each delivery) and from `GET {base}{id}/link`.
-    #[arg(long, env = "FERRY_DOWNLOAD_LINK_TTL", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "FERRY_DOWNLOAD_LINK_TTL", default_value = "1h", value_parser = parse_link_ttl)]
     pub download_link_ttl: Duration,
 
     /// The URL clients reach ferry at, e.g. `https://uploads.example.com` (used for download URLs
@@ -372,6 +373,15 @@ impl BallastSize {
             Self::Bytes(bytes) => bytes,
         }
     }
+}
+
+/// A download link lasts at most a year.
+fn parse_link_ttl(value: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(value)?;
+    if ttl > Duration::from_secs(366 * 86400) {
+        return Err("a download link may last at most a year (366d)".into());
+    }
+    Ok(ttl)
 }
 
 fn parse_ballast_size(value: &str) -> Result<BallastSize, String> {

@@ -86,31 +86,44 @@ const STATUS = {
 async function signedLink(url) {
   const response = await fetch(`${url}/link`, { headers: token ? { Authorization: `Bearer ${token}` } : {} })
   if (!response.ok) throw new Error(`no download link: the server answered ${response.status}`)
-  const { url: signed, expires_at: expiresAt } = await response.json()
-  return { signed, expires: Date.parse(expiresAt) }
+  const { url: signed, expires_in: expiresIn } = await response.json()
+  return { signed, lifetime: Number.isFinite(expiresIn) ? expiresIn * 1000 : 0 }
 }
 
 function offerDownload(link, url, name) {
-  let expires = 0
+  // Validity is counted on this clock from when the link arrived (the server's clock may differ).
+  let validUntil = 0
+  let fresh = false
   const refresh = async () => {
-    const fresh = await signedLink(url)
-    link.href = fresh.signed
-    expires = fresh.expires
+    const asked = Date.now()
+    const { signed, lifetime } = await signedLink(url)
+    link.href = signed
+    validUntil = asked + lifetime
   }
   link.addEventListener('click', (event) => {
-    if (Date.now() < expires - 10_000) return
+    if (fresh || Date.now() < validUntil - 10_000) {
+      fresh = false
+      return
+    }
     event.preventDefault()
     refresh().then(
-      () => link.click(),
+      () => {
+        fresh = true // this one click goes through, whatever the clocks say
+        link.click()
+      },
       (error) => announce(`${name}: ${error.message}`),
     )
   })
-  refresh().then(
-    () => {
+  // If the first request for a signed link fails (the upload still being assembled, a network
+  // hiccup), the link shows anyway and a click asks again.
+  refresh()
+    .catch(() => {
+      link.href = url
+      validUntil = 0
+    })
+    .finally(() => {
       link.hidden = false
-    },
-    (error) => announce(`${name}: ${error.message}`),
-  )
+    })
 }
 
 function row(upload) {

@@ -130,6 +130,7 @@ pub async fn link(
     let body = serde_json::json!({
         "url": link,
         "expires_at": expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "expires_in": state.uploads.links().ttl().as_secs().max(1),
     });
     let mut response = axum::Json(body).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -41,17 +41,25 @@ impl Ballast {
         tokio::task::spawn_blocking(move || make(&path, size, min_free)).await.map_err(io::Error::other)?
     }
 
-    /// Deletes the ballast; true when there was one to delete.
-    pub async fn release(&self) -> bool {
+    /// Deletes the ballast (if it is there; true when it was) and runs `then` while no one can
+    /// make it again, so that the room it gave is `then`'s.
+    pub async fn release_then<T, Fut: std::future::Future<Output = T>>(&self, then: impl FnOnce(bool) -> Fut) -> T {
         let _held = self.lock.lock().await;
-        match tokio::fs::remove_file(&self.path).await {
+        let _ = tokio::fs::remove_file(self.path.with_extension("partial")).await;
+        let released = match tokio::fs::remove_file(&self.path).await {
             Ok(()) => true,
             Err(e) if e.kind() == io::ErrorKind::NotFound => false,
             Err(e) => {
                 tracing::warn!(path = %self.path.display(), error = %e, "could not release the emergency ballast");
                 false
             }
-        }
+        };
+        then(released).await
+    }
+
+    /// Deletes the ballast; true when there was one to delete.
+    pub async fn release(&self) -> bool {
+        self.release_then(|released| async move { released }).await
     }
 }
 
@@ -63,21 +71,39 @@ fn make(path: &Path, size: BallastSize, min_free: MinFreeSpace) -> io::Result<bo
     if size == 0 {
         return Ok(false);
     }
-    match std::fs::metadata(path) {
-        Ok(meta) if meta.len() == size => return Ok(true),
-        Ok(_) => std::fs::remove_file(path)?,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    if space.available < size.saturating_add(keep_free) {
-        return Ok(false);
-    }
-    // Real blocks, not a sparse file: written out (tmpfs has no fallocate guarantee everywhere),
-    // under a temporary name so that a crash never leaves a short ballast in place.
     let partial = path.with_extension("partial");
+    // A leftover of a write that did not finish.
+    let _ = std::fs::remove_file(&partial);
+    let existing = match std::fs::metadata(path) {
+        Ok(meta) => Some(meta.len()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e),
+    };
+    // One made for a volume of another size (`auto`) stays unless its replacement fits.
+    if existing.is_some_and(|len| len == size || (len >= size / 2 && len <= size.saturating_mul(2))) {
+        return Ok(true);
+    }
+    let room = space.available.saturating_add(existing.unwrap_or(0));
+    if room < size.saturating_add(keep_free) {
+        return Ok(existing.is_some());
+    }
+    if existing.is_some() {
+        std::fs::remove_file(path)?;
+    }
+    // Real blocks, not a sparse file, and not zeros, which compressing file systems (ZFS, btrfs)
+    // store as nothing: written out under a temporary name, so that a crash never leaves a
+    // short ballast in place.
     let written = (|| {
         let mut file = std::fs::File::create(&partial)?;
-        let block = vec![0u8; 1 << 20];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let block: Vec<u8> = (0..(1 << 17))
+            .flat_map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state.to_le_bytes()
+            })
+            .collect();
         let mut left = size;
         while left > 0 {
             let n = left.min(block.len() as u64) as usize;

@@ -90,7 +90,7 @@ impl DownloadLinks {
 
     /// `url` (the upload's URL) signed for `ttl` from `now_ms`, and when it expires (Unix seconds).
     pub fn sign(&self, url: &str, id: UploadId, now_ms: i64) -> (String, u64) {
-        let expires = (now_ms.max(0) as u64 / 1000) + self.ttl.as_secs().max(1);
+        let expires = (now_ms.max(0) as u64 / 1000).saturating_add(self.ttl.as_secs().max(1));
         let signature = URL_SAFE_NO_PAD.encode(self.mac(id, expires).finalize().into_bytes());
         (format!("{url}?expires={expires}&signature={signature}"), expires)
     }

@@ -390,16 +390,21 @@ impl Uploads {
         match write().await {
             Err(e) if e.is_disk_full() => {
                 let Some(ballast) = &self.ballast else { return Err(e) };
-                if !ballast.release().await {
-                    return Err(e);
-                }
-                tracing::warn!(
-                    upload = %id,
-                    path = %ballast.path().display(),
-                    "the database's volume is full: released the emergency ballast to record the change; \
-                     it is made again once there is room"
-                );
-                write().await
+                // Retried also when another caller released it a moment ago: that room may
+                // still be there. Nobody makes the ballast again until the retry is done.
+                ballast
+                    .release_then(|released| async move {
+                        if released {
+                            tracing::warn!(
+                                upload = %id,
+                                path = %ballast.path().display(),
+                                "the database's volume is full: released the emergency ballast to record the \
+                                 change; it is made again once there is room"
+                            );
+                        }
+                        write().await
+                    })
+                    .await
             }
             other => other,
         }

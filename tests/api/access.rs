@@ -109,6 +109,7 @@ async fn signed_download_links(backend: Backend) {
     let expires_at = chrono::DateTime::parse_from_rfc3339(body["expires_at"].as_str().unwrap()).unwrap();
     let left = expires_at.timestamp() - chrono::Utc::now().timestamp();
     assert!((3500..=3601).contains(&left), "valid for --download-link-ttl (1h): {left} s left");
+    assert_eq!(body["expires_in"], 3600);
 
     let get = |link: String| app.client.get(link).send();
     let opened = get(link.clone()).await.unwrap();

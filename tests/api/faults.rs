@@ -234,7 +234,6 @@ async fn delete_on_a_volume_full_to_the_last_byte_frees_the_bytes() {
 
     let deleted = app.tus(Method::DELETE, &url).send().await.unwrap();
     assert_eq!(deleted.status(), 204, "DELETE on a full volume: {}", deleted.text().await.unwrap_or_default());
-    assert!(!ballast.exists(), "the ballast was released to record the termination");
     assert_eq!(app.head(&url).await.status(), 410, "the termination is recorded");
     let upload_id = url.rsplit('/').next().unwrap().to_string();
     wait_for("the upload's bytes deleted", Duration::from_secs(10), || {

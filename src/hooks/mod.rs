@@ -143,8 +143,8 @@ impl Dispatcher {
     async fn attempt(&self, url: &str, event: &EventRow) -> EventOutcome {
         let timestamp = now_ms() / 1000;
         let payload = match &self.settings.links {
-            Some(links) => with_download_url(links, &event.payload, now_ms()),
-            None => event.payload.clone(),
+            Some(links) if event.event_type == "upload.completed" => with_download_url(links, &event.payload, now_ms()),
+            _ => event.payload.clone(),
         };
         let mut request = self
             .client
@@ -174,15 +174,12 @@ impl Dispatcher {
 }
 
 /// An `upload.completed` payload with `data.download_url`: `data.url` signed from this delivery
-/// on, so that a receiver that was down for a while still gets a link it can use. Other events,
-/// and payloads this version did not write, go out as they are.
+/// on, so that a receiver that was down for a while still gets a link it can use. Payloads this
+/// version did not write go out as they are.
 fn with_download_url(links: &DownloadLinks, payload: &str, now: i64) -> String {
     let Ok(mut value) = serde_json::from_str::<serde_json::Value>(payload) else {
         return payload.to_string();
     };
-    if value.get("type").and_then(|t| t.as_str()) != Some("upload.completed") {
-        return payload.to_string();
-    }
     let Some(data) = value.get_mut("data").and_then(|d| d.as_object_mut()) else {
         return payload.to_string();
     };
@@ -192,8 +189,7 @@ fn with_download_url(links: &DownloadLinks, payload: &str, now: i64) -> String {
     };
     let (link, expires) = links.sign(&url, id, now);
     data.insert("download_url".into(), link.into());
-    let expires_at = chrono::DateTime::from_timestamp(expires as i64, 0).unwrap_or_default();
-    data.insert("download_url_expires_at".into(), expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).into());
+    data.insert("download_url_expires_at".into(), crate::uploads::links::rfc3339(expires).into());
     value.to_string()
 }
 

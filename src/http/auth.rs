@@ -92,7 +92,10 @@ fn token_of(request: &Request) -> Option<String> {
 fn is_signed_download(state: &AppState, request: &Request) -> bool {
     request.method() == Method::GET
         && request.extensions().get::<super::ietf::Interop>().is_none()
-        && request.extensions().get::<MatchedPath>().is_some_and(|p| p.as_str() == format!("{}{{id}}", state.base_path))
+        && request
+            .extensions()
+            .get::<MatchedPath>()
+            .is_some_and(|p| p.as_str().strip_prefix(state.base_path.as_str()) == Some("{id}"))
         && LinkQuery::parse(request.uri().query()).is_some()
 }
 

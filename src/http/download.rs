@@ -126,10 +126,9 @@ pub async fn link(
     let upload = state.uploads.completed(upload.id, upload.owner.as_deref()).await?;
     let url = super::tus::upload_url(&state, &request_headers, upload.id);
     let (link, expires) = state.uploads.links().sign(&url, upload.id, now_ms());
-    let expires_at = chrono::DateTime::from_timestamp(expires as i64, 0).unwrap_or_default();
     let body = serde_json::json!({
         "url": link,
-        "expires_at": expires_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "expires_at": crate::uploads::links::rfc3339(expires),
         "expires_in": state.uploads.links().ttl().as_secs().max(1),
     });
     let mut response = axum::Json(body).into_response();

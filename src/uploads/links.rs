@@ -63,6 +63,12 @@ impl LinkQuery {
     }
 }
 
+/// An expiry (Unix seconds) as RFC 3339 in UTC, whole seconds: how links' expiries are shown.
+pub fn rfc3339(expires: u64) -> String {
+    let at = chrono::DateTime::from_timestamp(i64::try_from(expires).unwrap_or(i64::MAX), 0).unwrap_or_default();
+    at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
 impl DownloadLinks {
     /// Links valid for `ttl`, signed with `key` (at least 32 bytes).
     pub fn new(key: Vec<u8>, ttl: Duration) -> Self {
@@ -105,8 +111,7 @@ impl DownloadLinks {
         // The signature first: an altered expiry is a forgery, not an expired link.
         self.mac(id, expires).verify_slice(&signature).map_err(|_| LinkError::Forged)?;
         if (now_ms.max(0) as u64) / 1000 >= expires {
-            let at = chrono::DateTime::from_timestamp(expires as i64, 0).unwrap_or_default();
-            return Err(LinkError::Expired(at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)));
+            return Err(LinkError::Expired(rfc3339(expires)));
         }
         Ok(())
     }

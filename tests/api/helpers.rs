@@ -205,22 +205,21 @@ impl TestApp {
 
     /// Creates an upload of `length` bytes and returns its URL.
     pub async fn create(&self, length: u64) -> String {
-        let response =
-            self.tus(Method::POST, &self.files).header("Upload-Length", length.to_string()).send().await.unwrap();
-        assert_eq!(response.status(), 201, "create: {}", response.text().await.unwrap_or_default());
-        header(&response, "location")
+        self.create_as(length, None).await
     }
 
     /// Creates a partial upload (`Upload-Concat: partial`) of `length` bytes; its URL.
     pub async fn create_partial(&self, length: u64) -> String {
-        let response = self
-            .tus(Method::POST, &self.files)
-            .header("Upload-Length", length.to_string())
-            .header("Upload-Concat", "partial")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201, "create a partial: {}", response.text().await.unwrap_or_default());
+        self.create_as(length, Some("partial")).await
+    }
+
+    async fn create_as(&self, length: u64, concat: Option<&str>) -> String {
+        let mut request = self.tus(Method::POST, &self.files).header("Upload-Length", length.to_string());
+        if let Some(concat) = concat {
+            request = request.header("Upload-Concat", concat);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 201, "create ({concat:?}): {}", response.text().await.unwrap_or_default());
         header(&response, "location")
     }
 
@@ -277,23 +276,21 @@ impl TestApp {
 
     /// How many uploads the database holds, in any state.
     pub async fn upload_count(&self) -> i64 {
-        use sqlx::Connection;
-        match self.backend {
-            Backend::Sqlite => {
-                let mut conn = sqlx::SqliteConnection::connect(&self.db_url).await.unwrap();
-                sqlx::query_scalar("SELECT COUNT(*) FROM uploads").fetch_one(&mut conn).await.unwrap()
-            }
-            Backend::Postgres | Backend::S3 | Backend::Azure => {
-                let mut conn = sqlx::PgConnection::connect(&self.db_url).await.unwrap();
-                sqlx::query_scalar("SELECT COUNT(*) FROM uploads").fetch_one(&mut conn).await.unwrap()
-            }
-        }
+        self.scalar("SELECT COUNT(*) FROM uploads").await
     }
 
     /// The key download links are signed with, as the database keeps it.
     pub async fn link_key(&self) -> Vec<u8> {
+        self.scalar("SELECT value FROM secrets WHERE name = 'download-links'").await
+    }
+
+    /// The one value `query` selects, from this app's database.
+    async fn scalar<T>(&self, query: &str) -> T
+    where
+        T: Send + Unpin + for<'r> sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+        T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    {
         use sqlx::Connection;
-        let query = "SELECT value FROM secrets WHERE name = 'download-links'";
         match self.backend {
             Backend::Sqlite => {
                 let mut conn = sqlx::SqliteConnection::connect(&self.db_url).await.unwrap();
@@ -1179,31 +1176,22 @@ impl Node {
 
     /// Creates an upload of `length` bytes and returns its URL (on this instance).
     pub async fn create(&self, length: u64) -> String {
-        let response = self
-            .client
-            .post(&self.files)
-            .header("Tus-Resumable", "1.0.0")
-            .header("Upload-Length", length.to_string())
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("POST to {}: {e}", self.name));
-        assert_eq!(response.status(), 201, "create on {}: {}", self.name, response.text().await.unwrap_or_default());
-        header(&response, "location")
+        self.create_as(length, None).await
     }
 
     /// Creates a partial upload (`Upload-Concat: partial`) of `length` bytes; its URL.
     pub async fn create_partial(&self, length: u64) -> String {
-        let response = self
-            .client
-            .post(&self.files)
-            .header("Tus-Resumable", "1.0.0")
-            .header("Upload-Length", length.to_string())
-            .header("Upload-Concat", "partial")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("POST to {}: {e}", self.name));
+        self.create_as(length, Some("partial")).await
+    }
+
+    async fn create_as(&self, length: u64, concat: Option<&str>) -> String {
+        let mut request = self.tus(Method::POST, &self.files).header("Upload-Length", length.to_string());
+        if let Some(concat) = concat {
+            request = request.header("Upload-Concat", concat);
+        }
+        let response = request.send().await.unwrap_or_else(|e| panic!("POST to {}: {e}", self.name));
         let status = response.status();
-        assert_eq!(status, 201, "create a partial on {}: {}", self.name, response.text().await.unwrap_or_default());
+        assert_eq!(status, 201, "create ({concat:?}) on {}: {}", self.name, response.text().await.unwrap_or_default());
         header(&response, "location")
     }
 

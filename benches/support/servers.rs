@@ -196,6 +196,9 @@ pub fn azurite(dir: &Path) -> Option<(Helper, String)> {
 /// A single-node Garage started with `tests/garage start` in `dir` (stopped when dropped), when
 /// its binary is built (`tests/garage path` builds it); the settings it wrote to `dir/env`.
 pub struct Garage {
+    /// A folder of its own for each Garage started (sections start one each); removed once the
+    /// server is stopped.
+    _home: tempfile::TempDir,
     dir: PathBuf,
     pub env: Vec<(String, String)>,
 }
@@ -209,7 +212,8 @@ impl Garage {
         if std::env::var_os("FERRY_GARAGE").is_none() && !cache.join("garage/bin/garage").is_file() {
             return None;
         }
-        let dir = dir.join("garage");
+        let home = tempfile::tempdir_in(dir).ok()?;
+        let dir = home.path().join("garage");
         let started = Command::new(script).arg("start").arg(&dir).stdout(Stdio::null()).status().ok()?;
         if !started.success() {
             return None;
@@ -220,7 +224,7 @@ impl Garage {
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').trim_matches('\'').to_string()))
             .collect();
-        Some(Self { dir, env })
+        Some(Self { _home: home, dir, env })
     }
 }
 

@@ -3,21 +3,28 @@
 //! one upload moves at the speed of its slowest stage, not of their sum.
 //!
 //! ```text
-//! socket -> request task -> hash queue -> hash stage -> write queue -> write stage -> store
-//!                                        (SHA-256,     (batches with the hash state
-//!                                         checksum)     after each, for the commit)
+//!                         +-> hash queue  -> hash stage  (SHA-256, checksum)
+//! socket -> request task -+
+//!                         +-> write queue -> write stage -> store
 //! ```
+//!
+//! Every frame goes to both queues (the same `Bytes`, shared), and each stage takes its queue in
+//! order: writing does not wait for hashing, so the last bytes of a request are stored while they
+//! are hashed rather than after. Nothing is committed until both stages have taken every byte
+//! received and the write stage has made them durable; then the hash state is the one of exactly
+//! the bytes written. A stage that fails (or an append that is dropped) stops both, and nothing
+//! of that request is committed.
 //!
 //! A stage is a loop on a blocking thread that takes everything queued, works on it, and ends
 //! when its queue is empty; the next bytes start it again. While bytes keep coming a stage keeps
 //! running, so a fast upload costs a handful of thread wake-ups per request, and an idle one
-//! holds no thread. The write stage receives the hashed batches in order with the whole-file hash
-//! state after each, so the state committed is always the one of the bytes written.
+//! holds no thread. Whichever stage is done last makes the append durable, on its own thread.
 //!
-//! Every frame holds its share of the instance's [`Budget`] until the write stage (or, on object
-//! stores, the part upload) drops its bytes, so all appends of an instance together never hold
-//! more than the budget; a request that finds it spent stops reading its body (TCP pushes back on
-//! the client). Per upload, at most [`IN_FLIGHT_LIMIT`] bytes are received and not yet written.
+//! Every frame holds its share of the instance's [`Budget`] until both stages (and, on object
+//! stores, the part upload) have dropped its bytes, so all appends of an instance together never
+//! hold more than the budget; a request that finds it spent stops reading its body (TCP pushes
+//! back on the client). Per upload, at most [`IN_FLIGHT_LIMIT`] bytes are received and not yet
+//! both hashed and written.
 
 use std::{
     collections::VecDeque,
@@ -46,6 +53,9 @@ const STAGE_BATCH: u64 = 2 << 20;
 /// While the body keeps coming, the hash stage is started once this much waits for it: every
 /// start costs a thread wake-up.
 const STAGE_START: u64 = 512 << 10;
+/// The same for the write stage, which writes faster than the hash stage hashes: it is started
+/// once this much waits for it.
+const WRITE_START: u64 = 1 << 20;
 /// A slower body's bytes wait at most this long for the hash stage, so that a slow client's small
 /// frames go through a few at a time rather than each on its own (what waits is only what that
 /// connection received; it is all written before the commit).
@@ -127,13 +137,6 @@ struct Hashes {
     chunk: Vec<ChecksumHasher>,
 }
 
-/// A hashed batch on its way to the store, with the whole-file hash state after it.
-struct Hashed {
-    frames: Vec<Bytes>,
-    len: u64,
-    state_after: FileHasher,
-}
-
 /// What an append received, once every stage is done with it.
 pub struct Received {
     /// Bytes received, written and made durable.
@@ -153,18 +156,22 @@ struct Queues {
     /// The hash stage's state; None while the stage works on it (or before the lease gave it).
     hashes: Option<Hashes>,
     hashing: bool,
-    to_write: VecDeque<Hashed>,
-    /// The store's side; None while the write stage works (or before the lease opened it).
+    /// Bytes the hash stage has taken in.
+    hashed: u64,
+    to_write: VecDeque<Bytes>,
+    to_write_len: u64,
+    /// The store's side; None while the write stage works or the append is made durable (or
+    /// before the lease opened it).
     appender: Option<Box<dyn Appender>>,
+    /// The write stage runs, or a stage makes the append durable.
     writing: bool,
-    /// Received and not yet written.
-    in_flight: u64,
+    /// Bytes the write stage has written.
     written: u64,
-    /// The hash state after the bytes written.
-    durable: Option<FileHasher>,
+    /// Bytes queued to both stages.
+    queued: u64,
     failed: Option<StoreError>,
     /// Set when the body has ended (`true`: its bytes complete the upload): once everything is
-    /// written, the write stage makes it durable.
+    /// hashed and written, the last stage to finish makes it durable.
     closing: Option<bool>,
     outcome: Option<AppendOutcome>,
     /// The request task waits for a stage (room, or the end): tell it when something changes.
@@ -181,16 +188,82 @@ impl Queues {
         }
     }
 
-    /// Whether the write stage should make the append durable now: the body has ended and every
-    /// byte of it is written.
+    /// Received and not yet both hashed and written.
+    fn in_flight(&self) -> u64 {
+        self.queued - self.hashed.min(self.written)
+    }
+
+    /// Whether the append should be made durable now: the body has ended, and every byte of it
+    /// is hashed and written (no stage runs).
     fn ready_to_finish(&self) -> bool {
         self.closing.is_some()
             && self.outcome.is_none()
             && self.failed.is_none()
             && !self.hashing
+            && !self.writing
             && self.to_hash.is_empty()
             && self.to_write.is_empty()
+            && self.appender.is_some()
     }
+
+    /// Makes the append durable when it is ready to be, on the calling (blocking) thread.
+    fn finish_if_ready(mut q: std::sync::MutexGuard<'_, Queues>, shared: &Shared) {
+        if !q.ready_to_finish() {
+            q.tell(shared);
+            return;
+        }
+        let appender = q.appender.take().expect("an appender");
+        let last = q.closing.expect("closing");
+        q.writing = true;
+        drop(q);
+        let result = appender.finish(last);
+        let mut q = shared.lock();
+        q.writing = false;
+        match result {
+            Ok(outcome) => q.outcome = Some(outcome),
+            Err(e) => q.failed = Some(e),
+        }
+        q.tell(shared);
+    }
+
+    /// Starts the write stage when it has work and is not running (and has the store's side).
+    fn start_writing(&mut self, shared: &Arc<Shared>) {
+        if !self.writing && self.appender.is_some() && !self.to_write.is_empty() && self.failed.is_none() {
+            self.writing = true;
+            let shared = shared.clone();
+            tokio::task::spawn_blocking(move || write_stage(shared));
+        }
+    }
+
+    /// Starts the hash stage when it has work and is not running (and has its state).
+    fn start_hashing(&mut self, shared: &Arc<Shared>) {
+        if !self.hashing && self.hashes.is_some() && !self.to_hash.is_empty() && self.failed.is_none() {
+            self.hashing = true;
+            let shared = shared.clone();
+            tokio::task::spawn_blocking(move || hash_stage(shared));
+        }
+    }
+
+    /// Starts both stages on what waits for them.
+    fn start(&mut self, shared: &Arc<Shared>) {
+        self.start_hashing(shared);
+        self.start_writing(shared);
+    }
+}
+
+/// Takes frames from the front of `queue`, up to [`STAGE_BATCH`] bytes (at least one frame).
+fn take_frames(queue: &mut VecDeque<Bytes>, queued: &mut u64) -> (Vec<Bytes>, u64) {
+    let mut taken = 0;
+    let mut frames = Vec::new();
+    while let Some(frame) = queue.front() {
+        if taken > 0 && taken + frame.len() as u64 > STAGE_BATCH {
+            break;
+        }
+        taken += frame.len() as u64;
+        frames.push(queue.pop_front().expect("a frame"));
+    }
+    *queued -= taken;
+    (frames, taken)
 }
 
 struct Shared {
@@ -262,96 +335,51 @@ async fn next_of<F: Future + Unpin>(slot: &mut Option<F>) -> F::Output {
     }
 }
 
-/// Stage work of one pass: hashing for the hash stage, writing for the write stage.
+/// The hash stage: hashes what is queued for it, in order, until its queue is empty.
 fn hash_stage(shared: Arc<Shared>) {
     loop {
-        let (frames, mut hashes) = {
+        let (frames, len, mut hashes) = {
             let mut q = shared.lock();
             if q.to_hash.is_empty() || q.failed.is_some() {
                 q.hashing = false;
-                if q.ready_to_finish() && !q.writing {
-                    q.writing = true;
-                    let shared = shared.clone();
-                    tokio::task::spawn_blocking(move || write_stage(shared));
-                }
-                q.tell(&shared);
-                return;
+                return Queues::finish_if_ready(q, &shared);
             }
-            let mut taken = 0;
-            let mut frames = Vec::new();
-            while let Some(frame) = q.to_hash.front() {
-                if taken > 0 && taken + frame.len() as u64 > STAGE_BATCH {
-                    break;
-                }
-                taken += frame.len() as u64;
-                frames.push(q.to_hash.pop_front().expect("a frame"));
-            }
-            q.to_hash_len -= taken;
-            (frames, q.hashes.take().expect("the hash stage holds the hashes"))
+            let q = &mut *q;
+            let (frames, len) = take_frames(&mut q.to_hash, &mut q.to_hash_len);
+            (frames, len, q.hashes.take().expect("the hash stage holds the hashes"))
         };
-        let mut len = 0;
         for frame in &frames {
             hashes.file.update(frame);
             for h in hashes.chunk.iter_mut() {
                 h.update(frame);
             }
-            len += frame.len() as u64;
         }
-        let state_after = hashes.file.clone();
+        drop(frames);
         let mut q = shared.lock();
         q.hashes = Some(hashes);
-        q.to_write.push_back(Hashed { frames, len, state_after });
-        if !q.writing && q.appender.is_some() {
-            q.writing = true;
-            let shared = shared.clone();
-            tokio::task::spawn_blocking(move || write_stage(shared));
-        }
+        q.hashed += len;
+        q.tell(&shared);
     }
 }
 
+/// The write stage: writes what is queued for it, in order, until its queue is empty.
 fn write_stage(shared: Arc<Shared>) {
     loop {
-        let (batches, mut appender) = {
+        let (frames, len, mut appender) = {
             let mut q = shared.lock();
             if q.to_write.is_empty() || q.failed.is_some() {
-                if q.ready_to_finish() {
-                    let appender = q.appender.take().expect("the write stage holds the appender");
-                    let last = q.closing.expect("closing");
-                    drop(q);
-                    let result = appender.finish(last);
-                    q = shared.lock();
-                    match result {
-                        Ok(outcome) => q.outcome = Some(outcome),
-                        Err(e) => q.failed = Some(e),
-                    }
-                }
                 q.writing = false;
-                q.tell(&shared);
-                return;
+                return Queues::finish_if_ready(q, &shared);
             }
-            let mut taken = 0;
-            let mut batches = Vec::new();
-            while let Some(batch) = q.to_write.front() {
-                if taken > 0 && taken + batch.len > STAGE_BATCH {
-                    break;
-                }
-                taken += batch.len;
-                batches.push(q.to_write.pop_front().expect("a batch"));
-            }
-            (batches, q.appender.take().expect("the write stage holds the appender"))
+            let q = &mut *q;
+            let (frames, len) = take_frames(&mut q.to_write, &mut q.to_write_len);
+            (frames, len, q.appender.take().expect("the write stage holds the appender"))
         };
-        let len: u64 = batches.iter().map(|b| b.len).sum();
-        let state_after = batches.last().map(|b| b.state_after.clone());
-        let frames: Vec<Bytes> = batches.into_iter().flat_map(|b| b.frames).collect();
         let result = appender.write(frames);
         let mut q = shared.lock();
         q.appender = Some(appender);
         match result {
-            Ok(()) => {
-                q.written += len;
-                q.in_flight -= len;
-                q.durable = state_after;
-            }
+            Ok(()) => q.written += len,
             Err(e) => q.failed = Some(e),
         }
         q.tell(&shared);
@@ -386,12 +414,13 @@ impl Pipeline {
             to_hash_len: 0,
             hashes: None,
             hashing: false,
+            hashed: 0,
             to_write: VecDeque::new(),
+            to_write_len: 0,
             appender: None,
             writing: false,
-            in_flight: 0,
             written: 0,
-            durable: None,
+            queued: 0,
             failed: None,
             closing: None,
             outcome: None,
@@ -432,9 +461,8 @@ impl Pipeline {
             ChecksumPlan::Trailer => ChecksumAlgorithm::ALL.iter().map(|a| a.hasher()).collect(),
         };
         let mut q = self.shared.lock();
-        q.durable = Some(hasher.clone());
         q.hashes = Some(Hashes { file: hasher, chunk });
-        Self::start_hashing(&self.shared, &mut q);
+        q.start_hashing(&self.shared);
     }
 
     /// Bytes received so far.
@@ -507,15 +535,16 @@ impl Pipeline {
         match self.started_from.take() {
             Some(started) if started == saved_state => {}
             Some(_) => {
-                // Take back every frame from the hash stage and its output, in order.
+                // Hash every frame again, from the saved state: until the store's side is here
+                // nothing is written, so the write queue holds every frame received, in order.
                 loop {
                     {
                         let mut q = self.shared.lock();
                         if !q.hashing {
-                            let mut frames: VecDeque<Bytes> = q.to_write.drain(..).flat_map(|b| b.frames).collect();
-                            frames.extend(q.to_hash.drain(..));
-                            q.to_hash_len = frames.iter().map(|f| f.len() as u64).sum();
-                            q.to_hash = frames;
+                            debug_assert_eq!(q.written, 0);
+                            q.to_hash = q.to_write.clone();
+                            q.to_hash_len = q.to_write_len;
+                            q.hashed = 0;
                             break;
                         }
                         q.waiting = true;
@@ -528,11 +557,7 @@ impl Pipeline {
         }
         let mut q = self.shared.lock();
         q.appender = Some(appender);
-        if !q.writing && !q.to_write.is_empty() {
-            q.writing = true;
-            let shared = self.shared.clone();
-            tokio::task::spawn_blocking(move || write_stage(shared));
-        }
+        q.start_writing(&self.shared);
         Ok(())
     }
 
@@ -555,7 +580,7 @@ impl Pipeline {
                 if let Some(e) = q.failed.take() {
                     return Err(stage_failed(e));
                 }
-                let room = q.in_flight < IN_FLIGHT_LIMIT;
+                let room = q.in_flight() < IN_FLIGHT_LIMIT;
                 q.waiting = !room;
                 room && self.parked.is_none()
             };
@@ -610,7 +635,8 @@ impl Pipeline {
             }
         }
         self.credit = None;
-        // The write stage makes the bytes durable once it has written the last of them.
+        // The last stage to be done makes the bytes durable; when both are done already, a
+        // blocking thread does.
         loop {
             {
                 let mut q = self.shared.lock();
@@ -619,10 +645,9 @@ impl Pipeline {
                 }
                 if q.closing.is_none() {
                     q.closing = Some(last);
-                    if q.ready_to_finish() && !q.writing {
-                        q.writing = true;
+                    if q.ready_to_finish() {
                         let shared = self.shared.clone();
-                        tokio::task::spawn_blocking(move || write_stage(shared));
+                        tokio::task::spawn_blocking(move || Queues::finish_if_ready(shared.lock(), &shared));
                     }
                 }
                 if q.outcome.is_some() {
@@ -634,8 +659,8 @@ impl Pipeline {
         }
         let mut q = self.shared.lock();
         let outcome = q.outcome.take().expect("the outcome");
-        let Hashes { chunk, .. } = q.hashes.take().expect("the hashes are back once hashing is done");
-        let hasher = q.durable.take().expect("the state of the bytes written");
+        let Hashes { file: hasher, chunk } = q.hashes.take().expect("the hashes are back once hashing is done");
+        debug_assert!(q.hashed == q.written && q.written == q.queued);
         let bytes = q.written;
         drop(q);
         let checksum_ok = match (&self.plan, self.expected.take()) {
@@ -655,7 +680,7 @@ impl Pipeline {
     /// Whether the body may be read now: no frame waits for budget, and the upload's bytes in
     /// flight leave room.
     fn can_read(&self) -> bool {
-        self.parked.is_none() && self.shared.lock().in_flight < IN_FLIGHT_LIMIT
+        self.parked.is_none() && self.shared.lock().in_flight() < IN_FLIGHT_LIMIT
     }
 
     /// Handles what the body yielded; returns how it ended, if it did.
@@ -750,17 +775,24 @@ impl Pipeline {
         };
         let frame = Bytes::from_owner(Held { data, _permit: permit });
         let mut q = self.shared.lock();
-        q.in_flight += len as u64;
+        q.queued += len as u64;
         q.to_hash_len += len as u64;
-        q.to_hash.push_back(frame);
+        q.to_hash.push_back(frame.clone());
+        q.to_write_len += len as u64;
+        q.to_write.push_back(frame);
+        // Each stage is started for its own queue: the write stage, faster, drains its queue
+        // sooner and waits for a batch again rather than being woken for every frame.
         if q.to_hash_len >= STAGE_START {
-            Self::start_hashing(&self.shared, &mut q);
+            q.start_hashing(&self.shared);
+        }
+        if q.to_write_len >= WRITE_START {
+            q.start_writing(&self.shared);
         }
     }
 
     /// The stages take what is queued.
     fn kick(&self) {
-        Self::start_hashing(&self.shared, &mut self.shared.lock());
+        self.shared.lock().start(&self.shared);
     }
 
     /// Before the request task waits: starts the hash stage now if the body cannot be read (the
@@ -769,7 +801,8 @@ impl Pipeline {
     fn stage_due(&mut self, reading: bool) -> Option<tokio::time::Instant> {
         let idle_with_work = {
             let q = self.shared.lock();
-            !q.hashing && q.hashes.is_some() && !q.to_hash.is_empty()
+            (!q.hashing && q.hashes.is_some() && !q.to_hash.is_empty())
+                || (!q.writing && q.appender.is_some() && !q.to_write.is_empty())
         };
         if !idle_with_work {
             self.waiting_since = None;
@@ -791,15 +824,6 @@ impl Pipeline {
         match body.next().now_or_never() {
             Some(next) => self.next(Ok(next)).map(Some),
             None => Ok(None),
-        }
-    }
-
-    /// Starts the hash stage when it has work and is not running (and has its state).
-    fn start_hashing(shared: &Arc<Shared>, q: &mut Queues) {
-        if !q.hashing && q.hashes.is_some() && !q.to_hash.is_empty() {
-            q.hashing = true;
-            let shared = shared.clone();
-            tokio::task::spawn_blocking(move || hash_stage(shared));
         }
     }
 }

@@ -151,22 +151,14 @@ pub struct Received {
 
 /// What the request task and the two stages share.
 struct Queues {
-    to_hash: VecDeque<Bytes>,
-    to_hash_len: u64,
+    hash: Lane,
     /// The hash stage's state; None while the stage works on it (or before the lease gave it).
     hashes: Option<Hashes>,
-    hashing: bool,
-    /// Bytes the hash stage has taken in.
-    hashed: u64,
-    to_write: VecDeque<Bytes>,
-    to_write_len: u64,
+    /// Its `running` also while a stage makes the append durable.
+    write: Lane,
     /// The store's side; None while the write stage works or the append is made durable (or
     /// before the lease opened it).
     appender: Option<Box<dyn Appender>>,
-    /// The write stage runs, or a stage makes the append durable.
-    writing: bool,
-    /// Bytes the write stage has written.
-    written: u64,
     /// Bytes queued to both stages.
     queued: u64,
     failed: Option<StoreError>,
@@ -190,7 +182,7 @@ impl Queues {
 
     /// Received and not yet both hashed and written.
     fn in_flight(&self) -> u64 {
-        self.queued - self.hashed.min(self.written)
+        self.queued - self.hash.done.min(self.write.done)
     }
 
     /// Whether the append should be made durable now: the body has ended, and every byte of it
@@ -199,10 +191,8 @@ impl Queues {
         self.closing.is_some()
             && self.outcome.is_none()
             && self.failed.is_none()
-            && !self.hashing
-            && !self.writing
-            && self.to_hash.is_empty()
-            && self.to_write.is_empty()
+            && self.hash.idle()
+            && self.write.idle()
             && self.appender.is_some()
     }
 
@@ -214,11 +204,11 @@ impl Queues {
         }
         let appender = q.appender.take().expect("an appender");
         let last = q.closing.expect("closing");
-        q.writing = true;
+        q.write.running = true;
         drop(q);
         let result = appender.finish(last);
         let mut q = shared.lock();
-        q.writing = false;
+        q.write.running = false;
         match result {
             Ok(outcome) => q.outcome = Some(outcome),
             Err(e) => q.failed = Some(e),
@@ -226,21 +216,29 @@ impl Queues {
         q.tell(shared);
     }
 
-    /// Starts the write stage when it has work and is not running (and has the store's side).
-    fn start_writing(&mut self, shared: &Arc<Shared>) {
-        if !self.writing && self.appender.is_some() && !self.to_write.is_empty() && self.failed.is_none() {
-            self.writing = true;
+    /// Whether the hash stage has work, is not running, and has its state.
+    fn hash_can_start(&self) -> bool {
+        self.failed.is_none() && self.hashes.is_some() && self.hash.can_start()
+    }
+
+    /// Whether the write stage has work, is not running, and has the store's side.
+    fn write_can_start(&self) -> bool {
+        self.failed.is_none() && self.appender.is_some() && self.write.can_start()
+    }
+
+    fn start_hashing(&mut self, shared: &Arc<Shared>) {
+        if self.hash_can_start() {
+            self.hash.running = true;
             let shared = shared.clone();
-            tokio::task::spawn_blocking(move || write_stage(shared));
+            tokio::task::spawn_blocking(move || hash_stage(shared));
         }
     }
 
-    /// Starts the hash stage when it has work and is not running (and has its state).
-    fn start_hashing(&mut self, shared: &Arc<Shared>) {
-        if !self.hashing && self.hashes.is_some() && !self.to_hash.is_empty() && self.failed.is_none() {
-            self.hashing = true;
+    fn start_writing(&mut self, shared: &Arc<Shared>) {
+        if self.write_can_start() {
+            self.write.running = true;
             let shared = shared.clone();
-            tokio::task::spawn_blocking(move || hash_stage(shared));
+            tokio::task::spawn_blocking(move || write_stage(shared));
         }
     }
 
@@ -251,19 +249,46 @@ impl Queues {
     }
 }
 
-/// Takes frames from the front of `queue`, up to [`STAGE_BATCH`] bytes (at least one frame).
-fn take_frames(queue: &mut VecDeque<Bytes>, queued: &mut u64) -> (Vec<Bytes>, u64) {
-    let mut taken = 0;
-    let mut frames = Vec::new();
-    while let Some(frame) = queue.front() {
-        if taken > 0 && taken + frame.len() as u64 > STAGE_BATCH {
-            break;
-        }
-        taken += frame.len() as u64;
-        frames.push(queue.pop_front().expect("a frame"));
+/// One stage's queue: the frames waiting for it, in order, and how far it has got.
+#[derive(Default, Clone)]
+struct Lane {
+    frames: VecDeque<Bytes>,
+    /// Bytes of `frames`.
+    len: u64,
+    /// Bytes the stage has taken in (hashed, or written).
+    done: u64,
+    running: bool,
+}
+
+impl Lane {
+    fn push(&mut self, frame: Bytes) {
+        self.len += frame.len() as u64;
+        self.frames.push_back(frame);
     }
-    *queued -= taken;
-    (frames, taken)
+
+    /// Takes frames from the front, up to [`STAGE_BATCH`] bytes (at least one frame).
+    fn take(&mut self) -> (Vec<Bytes>, u64) {
+        let mut taken = 0;
+        let mut frames = Vec::new();
+        while let Some(frame) = self.frames.front() {
+            if taken > 0 && taken + frame.len() as u64 > STAGE_BATCH {
+                break;
+            }
+            taken += frame.len() as u64;
+            frames.push(self.frames.pop_front().expect("a frame"));
+        }
+        self.len -= taken;
+        (frames, taken)
+    }
+
+    fn can_start(&self) -> bool {
+        !self.running && !self.frames.is_empty()
+    }
+
+    /// Not running, and nothing waits for it.
+    fn idle(&self) -> bool {
+        !self.running && self.frames.is_empty()
+    }
 }
 
 struct Shared {
@@ -340,12 +365,11 @@ fn hash_stage(shared: Arc<Shared>) {
     loop {
         let (frames, len, mut hashes) = {
             let mut q = shared.lock();
-            if q.to_hash.is_empty() || q.failed.is_some() {
-                q.hashing = false;
+            if q.hash.frames.is_empty() || q.failed.is_some() {
+                q.hash.running = false;
                 return Queues::finish_if_ready(q, &shared);
             }
-            let q = &mut *q;
-            let (frames, len) = take_frames(&mut q.to_hash, &mut q.to_hash_len);
+            let (frames, len) = q.hash.take();
             (frames, len, q.hashes.take().expect("the hash stage holds the hashes"))
         };
         for frame in &frames {
@@ -357,7 +381,7 @@ fn hash_stage(shared: Arc<Shared>) {
         drop(frames);
         let mut q = shared.lock();
         q.hashes = Some(hashes);
-        q.hashed += len;
+        q.hash.done += len;
         q.tell(&shared);
     }
 }
@@ -367,19 +391,18 @@ fn write_stage(shared: Arc<Shared>) {
     loop {
         let (frames, len, mut appender) = {
             let mut q = shared.lock();
-            if q.to_write.is_empty() || q.failed.is_some() {
-                q.writing = false;
+            if q.write.frames.is_empty() || q.failed.is_some() {
+                q.write.running = false;
                 return Queues::finish_if_ready(q, &shared);
             }
-            let q = &mut *q;
-            let (frames, len) = take_frames(&mut q.to_write, &mut q.to_write_len);
+            let (frames, len) = q.write.take();
             (frames, len, q.appender.take().expect("the write stage holds the appender"))
         };
         let result = appender.write(frames);
         let mut q = shared.lock();
         q.appender = Some(appender);
         match result {
-            Ok(()) => q.written += len,
+            Ok(()) => q.write.done += len,
             Err(e) => q.failed = Some(e),
         }
         q.tell(&shared);
@@ -410,16 +433,10 @@ impl Pipeline {
             _ => None,
         };
         let queues = Queues {
-            to_hash: VecDeque::new(),
-            to_hash_len: 0,
+            hash: Lane::default(),
             hashes: None,
-            hashing: false,
-            hashed: 0,
-            to_write: VecDeque::new(),
-            to_write_len: 0,
+            write: Lane::default(),
             appender: None,
-            writing: false,
-            written: 0,
             queued: 0,
             failed: None,
             closing: None,
@@ -483,7 +500,7 @@ impl Pipeline {
             return None;
         }
         self.space_checked_at = self.received;
-        let pending = self.received.saturating_sub(self.shared.lock().written);
+        let pending = self.received.saturating_sub(self.shared.lock().write.done);
         reserve.refuse(pending)
     }
 
@@ -540,11 +557,9 @@ impl Pipeline {
                 loop {
                     {
                         let mut q = self.shared.lock();
-                        if !q.hashing {
-                            debug_assert_eq!(q.written, 0);
-                            q.to_hash = q.to_write.clone();
-                            q.to_hash_len = q.to_write_len;
-                            q.hashed = 0;
+                        if !q.hash.running {
+                            debug_assert_eq!(q.write.done, 0);
+                            q.hash = q.write.clone();
                             break;
                         }
                         q.waiting = true;
@@ -660,8 +675,8 @@ impl Pipeline {
         let mut q = self.shared.lock();
         let outcome = q.outcome.take().expect("the outcome");
         let Hashes { file: hasher, chunk } = q.hashes.take().expect("the hashes are back once hashing is done");
-        debug_assert!(q.hashed == q.written && q.written == q.queued);
-        let bytes = q.written;
+        debug_assert!(q.hash.done == q.write.done && q.write.done == q.queued);
+        let bytes = q.write.done;
         drop(q);
         let checksum_ok = match (&self.plan, self.expected.take()) {
             (ChecksumPlan::None, _) => None,
@@ -776,16 +791,14 @@ impl Pipeline {
         let frame = Bytes::from_owner(Held { data, _permit: permit });
         let mut q = self.shared.lock();
         q.queued += len as u64;
-        q.to_hash_len += len as u64;
-        q.to_hash.push_back(frame.clone());
-        q.to_write_len += len as u64;
-        q.to_write.push_back(frame);
+        q.hash.push(frame.clone());
+        q.write.push(frame);
         // Each stage is started for its own queue: the write stage, faster, drains its queue
         // sooner and waits for a batch again rather than being woken for every frame.
-        if q.to_hash_len >= STAGE_START {
+        if q.hash.len >= STAGE_START {
             q.start_hashing(&self.shared);
         }
-        if q.to_write_len >= WRITE_START {
+        if q.write.len >= WRITE_START {
             q.start_writing(&self.shared);
         }
     }
@@ -801,8 +814,7 @@ impl Pipeline {
     fn stage_due(&mut self, reading: bool) -> Option<tokio::time::Instant> {
         let idle_with_work = {
             let q = self.shared.lock();
-            (!q.hashing && q.hashes.is_some() && !q.to_hash.is_empty())
-                || (!q.writing && q.appender.is_some() && !q.to_write.is_empty())
+            q.hash_can_start() || q.write_can_start()
         };
         if !idle_with_work {
             self.waiting_since = None;

@@ -349,7 +349,7 @@ async fn ingest(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) -
         medians.push((server.name.clone(), m, cpu));
     }
     let find = |name: &str| medians.iter().find(|(n, _, _)| n.starts_with(name)).map(|(_, m, c)| (*m, *c));
-    let (a, _) = find("(a)").unwrap();
+    let (a, a_cpu) = find("(a)").unwrap();
     let (b, _) = find("(b)").unwrap();
     let (ferry, ferry_cpu) = find("ferry, SQLite").unwrap();
     targets.ratio("single upload, 8 MiB chunks: ferry / (a) >= 0.6", ferry[0] / a[0], 0.6);
@@ -366,7 +366,6 @@ async fn ingest(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) -
     println!("SHA-256 alone: {sha:.2} CPU s/GiB on this machine (one thread, in the benchmark process)");
     // One upload's whole-file hash is one serial SHA-256 stream: no server that hashes every byte
     // can take one upload faster than one thread hashes, nor spend less CPU than (a) plus hashing.
-    let (_, a_cpu) = find("(a)").unwrap();
     let ceiling = GIB / sha / 1e6;
     println!(
         "so here one hashed upload is capped at {ceiling:.0} MB/s ({:.2}x (a) with 8 MiB chunks, {:.2}x with 1 MiB) \

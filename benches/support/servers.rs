@@ -196,10 +196,9 @@ pub fn azurite(dir: &Path) -> Option<(Helper, String)> {
 /// A single-node Garage started with `tests/garage start` in `dir` (stopped when dropped), when
 /// its binary is built (`tests/garage path` builds it); the settings it wrote to `dir/env`.
 pub struct Garage {
-    /// A folder of its own for each Garage started (sections start one each); removed once the
-    /// server is stopped.
-    _home: tempfile::TempDir,
-    dir: PathBuf,
+    /// A folder of its own for each Garage started (sections start one each), holding `garage`;
+    /// removed once the server is stopped.
+    home: tempfile::TempDir,
     pub env: Vec<(String, String)>,
 }
 
@@ -213,7 +212,7 @@ impl Garage {
             return None;
         }
         let home = tempfile::tempdir_in(dir).ok()?;
-        let dir = home.path().join("garage");
+        let dir = Self::dir_in(&home);
         let started = Command::new(script).arg("start").arg(&dir).stdout(Stdio::null()).status().ok()?;
         if !started.success() {
             return None;
@@ -224,13 +223,17 @@ impl Garage {
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').trim_matches('\'').to_string()))
             .collect();
-        Some(Self { _home: home, dir, env })
+        Some(Self { home, env })
+    }
+
+    fn dir_in(home: &tempfile::TempDir) -> PathBuf {
+        home.path().join("garage")
     }
 }
 
 impl Drop for Garage {
     fn drop(&mut self) {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/garage");
-        let _ = Command::new(script).arg("stop").arg(&self.dir).stdout(Stdio::null()).status();
+        let _ = Command::new(script).arg("stop").arg(Self::dir_in(&self.home)).stdout(Stdio::null()).status();
     }
 }

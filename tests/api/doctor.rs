@@ -42,7 +42,9 @@ fn held_probe(
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let pieces = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|piece| (piece, rx)) });
-    let request = app.client.post(probe_url(app)).body(reqwest::Body::wrap_stream(pieces));
+    // A client of its own, so that the probe goes out on a new connection: a streamed body
+    // cannot be sent again if a pooled connection turns out to be closed already.
+    let request = reqwest::Client::new().post(probe_url(app)).body(reqwest::Body::wrap_stream(pieces));
     (tx, tokio::spawn(request.send()))
 }
 
@@ -116,6 +118,7 @@ async fn the_probe_runs_two_at_a_time() {
     // Once both hold their slots, a third is turned away.
     let refused = std::sync::Mutex::new(None);
     wait_for("a third probe to be refused while two run", Duration::from_secs(20), || async {
+        assert!(!first_answer.is_finished() && !second_answer.is_finished(), "a held probe ended early");
         let answer = app.client.post(probe_url(&app)).body("x").send().await.unwrap();
         if answer.status() == 429 {
             *refused.lock().unwrap() = Some((header(&answer, "ferry-probe"), header(&answer, "retry-after")));

@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{Backend, TestApp, header, list_files, random_bytes, wait_for};
+use crate::helpers::{Backend, TestApp, header, list_files, random_bytes};
 use crate::nginx::ProxyChain;
 
 const MIB: u64 = 1 << 20;
@@ -33,19 +33,38 @@ fn store_contents(app: &TestApp) -> Vec<String> {
     found
 }
 
-/// A probe whose body is fed by the test: it holds its slot until the sender is dropped.
-fn held_probe(
-    app: &TestApp,
-) -> (
-    tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
-    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
-) {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let pieces = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|piece| (piece, rx)) });
-    // A client of its own, so that the probe goes out on a new connection: a streamed body
-    // cannot be sent again if a pooled connection turns out to be closed already.
-    let request = reqwest::Client::new().post(probe_url(app)).body(reqwest::Body::wrap_stream(pieces));
-    (tx, tokio::spawn(request.send()))
+/// A probe on a connection of its own, its body sent by the test in chunks; returns once the
+/// probe holds its slot. ferry reads a probe's body only after taking a slot, and reading it is
+/// what answers `Expect: 100-continue`, so the interim `100` says the slot is taken.
+async fn held_probe(app: &TestApp) -> tokio::net::TcpStream {
+    let mut socket = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let path = probe_url(app).strip_prefix(&app.base).expect("the probe is on the app").to_string();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\
+         Connection: close\r\n\r\n",
+        app.addr
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    while !received.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut buffer = [0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(20), socket.read(&mut buffer))
+            .await
+            .expect("an interim answer in time")
+            .unwrap();
+        assert!(read > 0, "closed without an answer: {}", String::from_utf8_lossy(&received));
+        received.extend_from_slice(&buffer[..read]);
+    }
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 100"), "the probe should hold a slot: {text}");
+    socket
+}
+
+/// Sends one chunk of a held probe's body.
+async fn send_chunk(socket: &mut tokio::net::TcpStream, data: &[u8]) {
+    socket.write_all(format!("{:x}\r\n", data.len()).as_bytes()).await.unwrap();
+    socket.write_all(data).await.unwrap();
+    socket.write_all(b"\r\n").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,32 +129,27 @@ async fn the_probe_answers_its_own_413_with_a_marker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_probe_runs_two_at_a_time() {
     let app = TestApp::spawn(Backend::Sqlite).await;
-    let (first, first_answer) = held_probe(&app);
-    let (second, second_answer) = held_probe(&app);
-    for tx in [&first, &second] {
-        tx.send(Ok(Bytes::from(vec![1u8; 1000]))).await.unwrap();
+    let mut first = held_probe(&app).await;
+    let mut second = held_probe(&app).await;
+    for socket in [&mut first, &mut second] {
+        send_chunk(socket, &[1u8; 1000]).await;
     }
-    // Once both hold their slots, a third is turned away.
-    let refused = std::sync::Mutex::new(None);
-    wait_for("a third probe to be refused while two run", Duration::from_secs(20), || async {
-        assert!(!first_answer.is_finished() && !second_answer.is_finished(), "a held probe ended early");
-        let answer = app.client.post(probe_url(&app)).body("x").send().await.unwrap();
-        if answer.status() == 429 {
-            *refused.lock().unwrap() = Some((header(&answer, "ferry-probe"), header(&answer, "retry-after")));
-            return true;
-        }
-        assert_eq!(answer.status(), 200);
-        false
-    })
-    .await;
-    assert_eq!(refused.into_inner().unwrap(), Some(("busy".to_string(), "1".to_string())));
+    // Both hold their slots: a third is turned away.
+    let answer = app.client.post(probe_url(&app)).body("x").send().await.unwrap();
+    assert_eq!(answer.status(), 429);
+    assert_eq!((header(&answer, "ferry-probe"), header(&answer, "retry-after")), ("busy".to_string(), "1".to_string()));
 
-    for (tx, answer) in [(first, first_answer), (second, second_answer)] {
-        tx.send(Ok(Bytes::from(vec![2u8; 500]))).await.unwrap();
-        drop(tx);
-        let answer = answer.await.unwrap().unwrap();
-        assert_eq!(answer.status(), 200);
-        assert_eq!(json(answer).await["received"], 1500);
+    for mut socket in [first, second] {
+        send_chunk(&mut socket, &[2u8; 500]).await;
+        socket.write_all(b"0\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(20), socket.read_to_end(&mut answer))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(text.contains("\"received\":1500"), "{text}");
     }
     let answer = app.client.post(probe_url(&app)).body("x").send().await.unwrap();
     assert_eq!(answer.status(), 200, "the slots are free again");

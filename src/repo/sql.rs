@@ -42,11 +42,29 @@ impl PgRepo {
         let statement_timeout = timeout.as_millis().max(1).to_string();
         let options = PgConnectOptions::from_str(url)?
             .options([("synchronous_commit", "off"), ("statement_timeout", statement_timeout.as_str())]);
-        let pool =
-            PgPoolOptions::new().max_connections(16).acquire_timeout(timeout).connect_with(options.clone()).await?;
-        let reader = PgPoolOptions::new().max_connections(4).acquire_timeout(timeout).connect_with(options).await?;
+        let pool = pg_pool_options(timeout).max_connections(16).connect_with(options.clone()).await?;
+        let reader = pg_pool_options(timeout).max_connections(4).connect_with(options).await?;
         Ok(Self { pool, reader })
     }
+}
+
+/// A connection that went back to the pool less than this long ago is used without testing it
+/// first (sqlx tests every connection it returns to the pool).
+const TESTED_RECENTLY: Duration = Duration::from_secs(1);
+
+/// Tests a connection before use only when it sat idle for a while: testing it costs a round
+/// trip to the server, which most statements here (two per PATCH) would otherwise pay once
+/// more. A server that went away since is found out by the statement instead, which then
+/// answers 503, and the connection is dropped.
+fn pg_pool_options(timeout: Duration) -> PgPoolOptions {
+    PgPoolOptions::new().acquire_timeout(timeout).test_before_acquire(false).before_acquire(|conn, meta| {
+        Box::pin(async move {
+            if meta.idle_for < TESTED_RECENTLY {
+                return Ok(true);
+            }
+            Ok(sqlx::Connection::ping(conn).await.is_ok())
+        })
+    })
 }
 
 /// SQLite: the zero-setup default for one node.
@@ -71,9 +89,12 @@ impl SqliteRepo {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(timeout)
             .foreign_keys(true);
-        let pool =
-            SqlitePoolOptions::new().max_connections(1).acquire_timeout(timeout).connect_with(options.clone()).await?;
-        let reader = SqlitePoolOptions::new().max_connections(8).acquire_timeout(timeout).connect_with(options).await?;
+        // A connection to a file cannot go away like one to a server: testing it before each
+        // use would only cost a round trip to its worker thread, two thread wake-ups, per
+        // statement.
+        let pool_options = || SqlitePoolOptions::new().acquire_timeout(timeout).test_before_acquire(false);
+        let pool = pool_options().max_connections(1).connect_with(options.clone()).await?;
+        let reader = pool_options().max_connections(8).connect_with(options).await?;
         Ok(Self { pool, reader })
     }
 }

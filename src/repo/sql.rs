@@ -9,7 +9,9 @@ use async_trait::async_trait;
 use sqlx::{
     Row,
     postgres::{PgConnectOptions, PgPool, PgPoolOptions},
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
+    sqlite::{
+        SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    },
 };
 use uuid::Uuid;
 
@@ -46,6 +48,21 @@ impl PgRepo {
         let reader = pg_pool_options(timeout).max_connections(4).connect_with(options).await?;
         Ok(Self { pool, reader })
     }
+
+    /// A connection for statements that write.
+    async fn writer(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+        Ok(self.pool.acquire().await?)
+    }
+
+    async fn run_migrations(&self) -> Result<()> {
+        sqlx::migrate!("migrations/postgres").run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The connections that write: open, and idle.
+    fn stats(&self) -> (u32, usize) {
+        (self.pool.size(), self.pool.num_idle())
+    }
 }
 
 /// A connection that went back to the pool less than this long ago is used without testing it
@@ -71,14 +88,18 @@ fn pg_pool_options(timeout: Duration) -> PgPoolOptions {
 pub struct SqliteRepo {
     /// The one connection that writes. SQLite lets one writer in at a time; several connections
     /// trying would wait for each other in SQLite's busy handler, which sleeps (up to 100 ms a
-    /// try) instead of queueing, so writes queue here instead, in order.
-    pool: SqlitePool,
+    /// try) instead of queueing, so writes queue here instead, in order. It is held here rather
+    /// than in a pool: a pool tests every connection it takes back with a round trip to the
+    /// connection's worker thread, and a connection to a file has nothing to test.
+    writer: tokio::sync::Mutex<SqliteConnection>,
+    /// How long a statement waits for the writer (`--database-timeout`).
+    timeout: Duration,
     /// Connections that only read: in WAL mode they never wait for the writer.
     reader: SqlitePool,
 }
 
 impl SqliteRepo {
-    /// Connects with `timeout` (`--database-timeout`) for acquiring a connection and for
+    /// Connects with `timeout` (`--database-timeout`) for waiting for a connection and for
     /// waiting on a lock held by another process.
     pub async fn connect(url: &str, timeout: Duration) -> Result<Self> {
         // WAL lets readers proceed while one connection writes; a crash loses at most commits
@@ -89,13 +110,33 @@ impl SqliteRepo {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(timeout)
             .foreign_keys(true);
-        // A connection to a file cannot go away like one to a server: testing it before each
-        // use would only cost a round trip to its worker thread, two thread wake-ups, per
-        // statement.
-        let pool_options = || SqlitePoolOptions::new().acquire_timeout(timeout).test_before_acquire(false);
-        let pool = pool_options().max_connections(1).connect_with(options.clone()).await?;
-        let reader = pool_options().max_connections(8).connect_with(options).await?;
-        Ok(Self { pool, reader })
+        let writer = tokio::time::timeout(timeout, sqlx::ConnectOptions::connect(&options))
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        // Nor is a reading connection tested before each use.
+        let reader = SqlitePoolOptions::new()
+            .acquire_timeout(timeout)
+            .test_before_acquire(false)
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
+        Ok(Self { writer: tokio::sync::Mutex::new(writer), timeout, reader })
+    }
+
+    /// The connection that writes, once the statements before have let go of it.
+    async fn writer(&self) -> Result<tokio::sync::MutexGuard<'_, SqliteConnection>> {
+        Ok(tokio::time::timeout(self.timeout, self.writer.lock()).await.map_err(|_| sqlx::Error::PoolTimedOut)?)
+    }
+
+    async fn run_migrations(&self) -> Result<()> {
+        let mut writer = self.writer().await?;
+        sqlx::migrate!("migrations/sqlite").run_direct(&mut *writer).await?;
+        Ok(())
+    }
+
+    /// The connections that write: open (the one), and idle.
+    fn stats(&self) -> (u32, usize) {
+        (1, usize::from(self.writer.try_lock().is_ok()))
     }
 }
 
@@ -279,8 +320,8 @@ where
 /// database (deleting bytes). `$durable` is the statement that asks for it (PostgreSQL runs with
 /// `synchronous_commit = off` otherwise; SQLite has nothing to ask).
 macro_rules! durable_tx {
-    ($pool:expr, $durable:literal) => {{
-        let mut tx = $pool.begin().await?;
+    ($conn:expr, $durable:literal) => {{
+        let mut tx = sqlx::Connection::begin(&mut *$conn).await?;
         if !$durable.is_empty() {
             sqlx::query($durable).execute(&mut *tx).await?;
         }
@@ -291,8 +332,9 @@ macro_rules! durable_tx {
 /// One guarded UPDATE (which has to change exactly one row) and the outbox events it causes, in
 /// one transaction. Evaluates to `Ok(false)`, changing nothing, when the guard does not hold.
 macro_rules! guarded_update {
-    ($pool:expr, $durable:literal, $query:expr, $events:expr) => {{
-        let mut tx = durable_tx!($pool, $durable);
+    ($repo:expr, $durable:literal, $query:expr, $events:expr) => {{
+        let mut conn = $repo.writer().await?;
+        let mut tx = durable_tx!(conn, $durable);
         if $query.execute(&mut *tx).await?.rows_affected() != 1 {
             return Ok(false);
         }
@@ -303,13 +345,12 @@ macro_rules! guarded_update {
 }
 
 macro_rules! sql_repo {
-    ($repo:ty, $migrations:literal, $skip_locked:literal, $durable:literal) => {
+    ($repo:ty, $skip_locked:literal, $durable:literal) => {
 
         #[async_trait]
         impl Repo for $repo {
             async fn migrate(&self) -> Result<()> {
-                sqlx::migrate!($migrations).run(&self.pool).await?;
-                Ok(())
+                self.run_migrations().await
             }
 
             async fn ping(&self) -> Result<()> {
@@ -318,7 +359,7 @@ macro_rules! sql_repo {
             }
 
             fn pool_stats(&self) -> (u32, usize) {
-                (self.pool.size(), self.pool.num_idle())
+                self.stats()
             }
 
             async fn secret(&self, name: &str, candidate: &[u8], now: i64) -> Result<Vec<u8>> {
@@ -328,18 +369,19 @@ macro_rules! sql_repo {
                 .bind(name)
                 .bind(candidate)
                 .bind(now)
-                .execute(&self.pool)
+                .execute(&mut *self.writer().await?)
                 .await?;
                 let value: Vec<u8> = sqlx::query_scalar("SELECT value FROM secrets WHERE name = $1")
                     .bind(name)
-                    .fetch_one(&self.pool)
+                    .fetch_one(&mut *self.writer().await?)
                     .await?;
                 Ok(value)
             }
 
             async fn insert(&self, upload: &NewUpload, events: &[NewEvent]) -> Result<bool> {
                 let (concat, concat_parts) = concat_columns(&upload.concat);
-                let mut tx = durable_tx!(self.pool, $durable);
+                let mut conn = self.writer().await?;
+                let mut tx = durable_tx!(conn, $durable);
                 sqlx::query(
                     "INSERT INTO uploads (id, length, upload_offset, metadata, state, concat, concat_parts, \
                      hash_state, sha256, owner, created_at, updated_at, expires_at, multipart_id, part_size, size_limit, key_prefix, \
@@ -399,7 +441,7 @@ macro_rules! sql_repo {
                 .bind(lease.length.map(to_i64))
                 .bind(to_i64(lease.max_size))
                 .bind(lease.content_length.map(to_i64))
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.writer().await?)
                 .await?;
                 row.as_ref().map(decode).transpose()
             }
@@ -434,9 +476,11 @@ macro_rules! sql_repo {
                     && c.events.is_empty();
                 if alone {
                     // One statement is its own transaction.
-                    return Ok(update.execute(&self.pool).await?.rows_affected() == 1);
+                    return Ok(update.execute(&mut *self.writer().await?).await?.rows_affected() == 1);
                 }
-                let mut tx = if c.events.is_empty() { self.pool.begin().await? } else { durable_tx!(self.pool, $durable) };
+                let mut conn = self.writer().await?;
+                let mut tx =
+                    if c.events.is_empty() { sqlx::Connection::begin(&mut *conn).await? } else { durable_tx!(conn, $durable) };
                 if update.execute(&mut *tx).await?.rows_affected() != 1 {
                     return Ok(false);
                 }
@@ -484,14 +528,14 @@ macro_rules! sql_repo {
                 .bind(generation)
                 .bind(now)
                 .bind(until)
-                .execute(&self.pool)
+                .execute(&mut *self.writer().await?)
                 .await?;
                 if claimed.rows_affected() == 1 {
                     return Ok(PartClaim::Granted);
                 }
                 let current: Option<(i64, String)> = sqlx::query_as("SELECT write_gen, state FROM uploads WHERE id = $1")
                     .bind(id.uuid())
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&mut *self.writer().await?)
                     .await?;
                 Ok(match current {
                     Some((g, state)) if g == generation && state == "receiving" => PartClaim::Busy,
@@ -503,7 +547,7 @@ macro_rules! sql_repo {
                 sqlx::query("UPDATE uploads SET part_writer = NULL, part_writer_until = NULL WHERE id = $1 AND part_writer = $2")
                     .bind(id.uuid())
                     .bind(generation)
-                    .execute(&self.pool)
+                    .execute(&mut *self.writer().await?)
                     .await?;
                 Ok(())
             }
@@ -546,7 +590,7 @@ macro_rules! sql_repo {
 
             async fn terminate(&self, id: UploadId, now: i64, events: &[NewEvent]) -> Result<bool> {
                 guarded_update!(
-                    self.pool,
+                    self,
                     $durable,
                     sqlx::query(
                         "UPDATE uploads SET state = 'terminated', updated_at = $2, expires_at = NULL, \
@@ -573,7 +617,7 @@ macro_rules! sql_repo {
 
             async fn expire(&self, id: UploadId, now: i64, events: &[NewEvent]) -> Result<bool> {
                 guarded_update!(
-                    self.pool,
+                    self,
                     $durable,
                     sqlx::query(
                         "UPDATE uploads SET state = 'expired', updated_at = $2, write_gen = write_gen + 1 \
@@ -602,7 +646,7 @@ macro_rules! sql_repo {
                 sqlx::query("UPDATE uploads SET bytes_deleted = TRUE, bytes_recheck_at = $2 WHERE id = $1")
                     .bind(id.uuid())
                     .bind(recheck_at)
-                    .execute(&self.pool)
+                    .execute(&mut *self.writer().await?)
                     .await?;
                 Ok(())
             }
@@ -622,7 +666,7 @@ macro_rules! sql_repo {
             async fn mark_rechecked(&self, id: UploadId) -> Result<()> {
                 sqlx::query("UPDATE uploads SET bytes_recheck_at = NULL WHERE id = $1")
                     .bind(id.uuid())
-                    .execute(&self.pool)
+                    .execute(&mut *self.writer().await?)
                     .await?;
                 Ok(())
             }
@@ -633,7 +677,7 @@ macro_rules! sql_repo {
                      AND bytes_recheck_at IS NULL AND updated_at < $1",
                 )
                 .bind(before)
-                .execute(&self.pool)
+                .execute(&mut *self.writer().await?)
                 .await?;
                 Ok(result.rows_affected())
             }
@@ -647,7 +691,7 @@ macro_rules! sql_repo {
                 ))
                 .bind(now)
                 .bind(lease_until)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.writer().await?)
                 .await?;
                 row.as_ref().map(decode).transpose()
             }
@@ -659,7 +703,7 @@ macro_rules! sql_repo {
                 .bind(id.uuid())
                 .bind(held_until)
                 .bind(lease_until)
-                .execute(&self.pool)
+                .execute(&mut *self.writer().await?)
                 .await?;
                 Ok(result.rows_affected() == 1)
             }
@@ -672,7 +716,7 @@ macro_rules! sql_repo {
                 events: &[NewEvent],
             ) -> Result<bool> {
                 guarded_update!(
-                    self.pool,
+                    self,
                     $durable,
                     sqlx::query(
                         "UPDATE uploads SET state = 'completed', upload_offset = length, sha256 = COALESCE($2, sha256), \
@@ -708,13 +752,14 @@ macro_rules! sql_repo {
             async fn in_use(&self, id: UploadId) -> Result<bool> {
                 let row = sqlx::query(&format!("SELECT {IN_USE} AS used"))
                     .bind(id.uuid())
-                    .fetch_one(&self.pool)
+                    .fetch_one(&mut *self.writer().await?)
                     .await?;
                 Ok(row.try_get::<bool, _>("used")?)
             }
 
             async fn adopt_pieces(&self, id: UploadId, pieces: &[Piece], now: i64) -> Result<bool> {
-                let mut tx = durable_tx!(self.pool, $durable);
+                let mut conn = self.writer().await?;
+                let mut tx = durable_tx!(conn, $durable);
                 let adopted = sqlx::query(
                     "UPDATE uploads SET state = 'completed', upload_offset = length, sha256 = NULL, claimed_until = NULL, \
                      updated_at = $2, expires_at = NULL WHERE id = $1 AND state = 'completing' AND concat = 'final'",
@@ -732,7 +777,7 @@ macro_rules! sql_repo {
 
             async fn record_digest(&self, id: UploadId, sha256: [u8; 32], now: i64, events: &[NewEvent]) -> Result<bool> {
                 guarded_update!(
-                    self.pool,
+                    self,
                     $durable,
                     sqlx::query(
                         "UPDATE uploads SET sha256 = $2, claimed_until = NULL, updated_at = $3 \
@@ -761,7 +806,7 @@ macro_rules! sql_repo {
                 ))
                 .bind(now)
                 .bind(lease_until)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.writer().await?)
                 .await?;
                 row.as_ref().map(decode_event).transpose()
             }
@@ -786,7 +831,7 @@ macro_rules! sql_repo {
                     .bind(*at)
                     .bind(error.as_str()),
                 };
-                query.execute(&self.pool).await?;
+                query.execute(&mut *self.writer().await?).await?;
                 Ok(())
             }
 
@@ -820,7 +865,7 @@ macro_rules! sql_repo {
                     )
                     .bind(now),
                 };
-                Ok(query.execute(&self.pool).await?.rows_affected())
+                Ok(query.execute(&mut *self.writer().await?).await?.rows_affected())
             }
         }
     };
@@ -828,5 +873,5 @@ macro_rules! sql_repo {
 
 // PostgreSQL lets dispatchers on several instances skip each other's rows; SQLite serialises
 // writers anyway.
-sql_repo!(PgRepo, "migrations/postgres", "FOR UPDATE SKIP LOCKED", "SET LOCAL synchronous_commit = on");
-sql_repo!(SqliteRepo, "migrations/sqlite", "", "");
+sql_repo!(PgRepo, "FOR UPDATE SKIP LOCKED", "SET LOCAL synchronous_commit = on");
+sql_repo!(SqliteRepo, "", "");

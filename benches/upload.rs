@@ -185,7 +185,7 @@ async fn run() {
         .collect();
     let wants = |s: &str| sections.iter().any(|x| x == s);
     // Before the tmpfs is warmed up, so that the warm-up lasts.
-    let reporting = PageReporting::hold();
+    let host = Host::watch();
     let tmpfs = match std::env::var_os("FERRY_BENCH_DIR") {
         Some(dir) => Scratch::Given(PathBuf::from(dir)),
         None => Scratch::mount(),
@@ -219,28 +219,34 @@ async fn run() {
         database.drop_now().await;
     }
     targets.print();
-    reporting.print();
+    host.print();
     drop(scratch);
     drop(tmpfs);
 }
 
+/// What the virtual machine's host does to a run.
+///
 /// Free page reporting (virtio-balloon) hands memory the guest freed back to the host, which
 /// backs it again lazily: a page freed by one upload and reused by the next then costs a host
 /// fault on its first write, several times the write itself, at random moments of the run.
 /// Where the kernel lets a page stay free for a while before it is reported
 /// (`/sys/module/page_reporting/parameters/min_free_ms`, on some virtual machines' kernels), the
 /// benchmark, as root, holds reporting off for the run and restores the setting after it.
-struct PageReporting {
+///
+/// Steal time is CPU time the host gave to others while this machine wanted it: a round that
+/// meets it is slower for reasons none of the servers has.
+struct Host {
     /// The setting to restore, when it was changed.
     restore: Option<String>,
     reported_at_start: Option<u64>,
+    steal_at_start: Option<u64>,
 }
 
 const PAGE_REPORTING: &str = "/sys/module/page_reporting/parameters";
 const HOLD_MS: &str = "300000";
 
-impl PageReporting {
-    fn hold() -> Self {
+impl Host {
+    fn watch() -> Self {
         let setting = Path::new(PAGE_REPORTING).join("min_free_ms");
         let restore = std::fs::read_to_string(&setting).ok().filter(|old| {
             // Five minutes, the longest the kernel takes: a page freed and reused within a
@@ -254,26 +260,41 @@ impl PageReporting {
             }
             held
         });
-        Self { restore, reported_at_start: Self::reported_kib() }
+        Self { restore, reported_at_start: Self::reported_kib(), steal_at_start: Self::steal_ticks() }
+    }
+
+    /// The machine's steal time so far, in clock ticks (the eighth number of `/proc/stat`'s
+    /// `cpu` line).
+    fn steal_ticks() -> Option<u64> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        stat.lines().next()?.split_whitespace().nth(8)?.parse().ok()
     }
 
     fn reported_kib() -> Option<u64> {
         std::fs::read_to_string(Path::new(PAGE_REPORTING).join("reported_kib")).ok()?.trim().parse().ok()
     }
 
-    /// How much memory went back to the host during the run (where the kernel says).
+    /// How much memory went back to the host during the run, and how much CPU time the host
+    /// took (where the kernel says).
     fn print(&self) {
+        println!();
         if let (Some(start), Some(end)) = (self.reported_at_start, Self::reported_kib()) {
-            println!(
-                "\nfree page reporting: {} MiB handed back to the host during the run{}",
-                end.saturating_sub(start) / 1024,
-                if end > start { " (its pages came back cold: compare sections run on their own)" } else { "" }
-            );
+            let reported = end.saturating_sub(start) / 1024;
+            let which = match (&self.restore, reported) {
+                (_, 0) => "",
+                (Some(_), _) => " (memory freed before the run or over 5 minutes earlier)",
+                (None, _) => " (pages reused after that came back cold: compare sections run on their own)",
+            };
+            println!("free page reporting: {reported} MiB handed back to the host during the run{which}");
+        }
+        if let (Some(start), Some(end)) = (self.steal_at_start, Self::steal_ticks()) {
+            let stolen = end.saturating_sub(start) as f64 / servers::clock_ticks() as f64;
+            println!("steal time: the host kept {stolen:.1} CPU s from this machine during the run");
         }
     }
 }
 
-impl Drop for PageReporting {
+impl Drop for Host {
     fn drop(&mut self) {
         if let Some(old) = &self.restore {
             let _ = std::fs::write(Path::new(PAGE_REPORTING).join("min_free_ms"), old.trim());

@@ -71,7 +71,7 @@ impl Server {
     }
 }
 
-fn clock_ticks() -> u64 {
+pub fn clock_ticks() -> u64 {
     // sysconf(_SC_CLK_TCK) is 100 on every Linux this runs on; getconf says so when present.
     Command::new("getconf")
         .arg("CLK_TCK")

@@ -24,7 +24,9 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::helpers::{Cluster, Node, Storage, assert_same_bytes, header, random_bytes, upload_id, wait_for};
+use crate::helpers::{
+    Answer, Cluster, Node, Storage, assert_same_bytes, header, random_bytes, read_answer, upload_id, wait_for,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -102,42 +104,6 @@ async fn raw_patch(node: &Node, url: &str, offset: u64, content_length: usize, f
     socket.write_all(first).await.expect("send the first bytes");
     socket.flush().await.expect("flush");
     socket
-}
-
-/// An answer read off a raw connection.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    /// The status line and headers.
-    head: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|line| {
-            let (key, value) = line.split_once(':')?;
-            key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
-        })
-    }
-}
-
-/// Reads the head of the answer on a raw connection; None when the server closed the connection
-/// without answering.
-async fn read_answer(socket: &mut TcpStream, limit: Duration) -> Option<Answer> {
-    let mut buffer = Vec::new();
-    let read = async {
-        let mut piece = [0u8; 4096];
-        while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
-            match socket.read(&mut piece).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buffer.extend_from_slice(&piece[..n]),
-            }
-        }
-    };
-    tokio::time::timeout(limit, read).await.unwrap_or_else(|_| panic!("no answer on the raw connection in {limit:?}"));
-    let head = String::from_utf8_lossy(&buffer).into_owned();
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some(Answer { status, head })
 }
 
 /// A whole PATCH on a connection of its own. The answer is read even when the server answered

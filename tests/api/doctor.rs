@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{Backend, TestApp, header, list_files, random_bytes};
+use crate::helpers::{Backend, TestApp, header, list_files, random_bytes, read_answer};
 use crate::nginx::ProxyChain;
 
 const MIB: u64 = 1 << 20;
@@ -45,18 +45,8 @@ async fn held_probe(app: &TestApp) -> tokio::net::TcpStream {
         app.addr
     );
     socket.write_all(head.as_bytes()).await.unwrap();
-    let mut received = Vec::new();
-    while !received.windows(4).any(|w| w == b"\r\n\r\n") {
-        let mut buffer = [0u8; 1024];
-        let read = tokio::time::timeout(Duration::from_secs(20), socket.read(&mut buffer))
-            .await
-            .expect("an interim answer in time")
-            .unwrap();
-        assert!(read > 0, "closed without an answer: {}", String::from_utf8_lossy(&received));
-        received.extend_from_slice(&buffer[..read]);
-    }
-    let text = String::from_utf8_lossy(&received);
-    assert!(text.starts_with("HTTP/1.1 100"), "the probe should hold a slot: {text}");
+    let interim = read_answer(&mut socket, Duration::from_secs(20)).await.expect("closed without an answer");
+    assert_eq!(interim.status, 100, "the probe should hold a slot: {}", interim.head);
     socket
 }
 

@@ -1260,3 +1260,39 @@ async fn column(app: &TestApp, url: &str, name: &str) -> i64 {
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
 }
+
+/// An answer read off a raw connection.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    /// The status line and headers.
+    pub head: String,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
+        })
+    }
+}
+
+/// Reads the head of the answer on a raw connection; None when the server closed the connection
+/// without answering. An interim answer (`100 Continue`) is an answer of its own.
+pub async fn read_answer(socket: &mut tokio::net::TcpStream, limit: Duration) -> Option<Answer> {
+    let mut buffer = Vec::new();
+    let read = async {
+        let mut piece = [0u8; 4096];
+        while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tokio::io::AsyncReadExt::read(socket, &mut piece).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buffer.extend_from_slice(&piece[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.unwrap_or_else(|_| panic!("no answer on the raw connection in {limit:?}"));
+    let head = String::from_utf8_lossy(&buffer).into_owned();
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some(Answer { status, head })
+}

@@ -14,10 +14,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use crate::db_backend_tests;
-use crate::helpers::{Backend, TestApp, generation, header, random_bytes, sha256_b64, upload_id, wait_for};
+use crate::helpers::{
+    Backend, TestApp, generation, header, random_bytes, read_answer, sha256_b64, upload_id, wait_for,
+};
 
 const MIB: usize = 1 << 20;
 
@@ -77,18 +79,10 @@ impl RawPatch {
 
     /// Reads the answer's status line (the server answers once it is done with the request).
     async fn status(mut self) -> u16 {
-        let mut answer = Vec::new();
-        let mut buffer = [0u8; 4096];
-        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-            let read = tokio::time::timeout(Duration::from_secs(30), self.stream.read(&mut buffer))
-                .await
-                .expect("an answer within 30 s")
-                .unwrap();
-            assert!(read > 0, "connection closed without an answer: {}", String::from_utf8_lossy(&answer));
-            answer.extend_from_slice(&buffer[..read]);
-        }
-        let text = String::from_utf8_lossy(&answer);
-        text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("a status line: {text}"))
+        read_answer(&mut self.stream, Duration::from_secs(30))
+            .await
+            .expect("connection closed without an answer")
+            .status
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::{
     Row,
-    postgres::{PgConnectOptions, PgPool, PgPoolOptions},
+    postgres::{PgConnectOptions, PgDatabaseError, PgPool, PgPoolOptions, PgSeverity},
     sqlite::{
         SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
     },
@@ -31,6 +31,119 @@ pub struct PgRepo {
     /// Statements that only read (HEAD, GET, the sweeper's lists): a pool of their own, so that
     /// a burst of appends never makes a HEAD wait for a connection.
     reader: PgPool,
+    /// The connections of the two statements every PATCH runs (the lease and the commit).
+    hot: HotConnections,
+}
+
+/// How many connections the statements of every PATCH have, beside the pool's.
+const HOT_CONNECTIONS: usize = 8;
+
+/// Connections for the statements every PATCH runs, kept apart from sqlx's pool: the pool
+/// tests every connection it takes back with a round trip to the server (a ping after each
+/// statement, which would double what a PATCH costs PostgreSQL). A connection here goes back to
+/// the idle ones only when its statement came back with an answer from the server; one that met
+/// anything else (an I/O error, a timeout, a request dropped mid-statement) is closed instead.
+struct HotConnections {
+    idle: std::sync::Mutex<Vec<(sqlx::PgConnection, std::time::Instant)>>,
+    permits: tokio::sync::Semaphore,
+    timeout: Duration,
+}
+
+/// A connection taken from [`HotConnections`]: it goes back when it is dropped, if
+/// [`Settle::settle`] said it may.
+pub struct HotConnection<'a> {
+    connection: Option<sqlx::PgConnection>,
+    reusable: bool,
+    owner: &'a HotConnections,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl HotConnections {
+    fn new(timeout: Duration) -> Self {
+        Self { idle: std::sync::Mutex::new(Vec::new()), permits: tokio::sync::Semaphore::new(HOT_CONNECTIONS), timeout }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<(sqlx::PgConnection, std::time::Instant)>> {
+        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// An idle connection (tested first when it sat idle for a while), or a new one from
+    /// `pool`, which opens it.
+    async fn get<'a>(&'a self, pool: &PgPool) -> Result<HotConnection<'a>> {
+        let permit = tokio::time::timeout(self.timeout, self.permits.acquire())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)?
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        loop {
+            let Some((mut connection, since)) = self.idle().pop() else { break };
+            if since.elapsed() < TESTED_RECENTLY || sqlx::Connection::ping(&mut connection).await.is_ok() {
+                return Ok(HotConnection {
+                    connection: Some(connection),
+                    reusable: false,
+                    owner: self,
+                    _permit: permit,
+                });
+            }
+        }
+        let connection = pool.acquire().await?.detach();
+        Ok(HotConnection { connection: Some(connection), reusable: false, owner: self, _permit: permit })
+    }
+
+    /// Open, and idle.
+    fn stats(&self) -> (usize, usize) {
+        let idle = self.idle().len();
+        (idle + HOT_CONNECTIONS - self.permits.available_permits(), idle)
+    }
+}
+
+impl std::ops::Deref for HotConnection<'_> {
+    type Target = sqlx::PgConnection;
+
+    fn deref(&self) -> &sqlx::PgConnection {
+        self.connection.as_ref().expect("held until dropped")
+    }
+}
+
+impl std::ops::DerefMut for HotConnection<'_> {
+    fn deref_mut(&mut self) -> &mut sqlx::PgConnection {
+        self.connection.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for HotConnection<'_> {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.take()
+            && self.reusable
+        {
+            self.owner.idle().push((connection, std::time::Instant::now()));
+        }
+    }
+}
+
+/// A connection that outlives a statement is told how the statement went.
+trait Settle {
+    /// Whether the connection may serve further statements: after an answer from the server
+    /// (rows, or an error the server reported), yes; after anything else, no.
+    fn settle<T>(&mut self, result: &std::result::Result<T, sqlx::Error>);
+}
+
+impl Settle for HotConnection<'_> {
+    fn settle<T>(&mut self, result: &std::result::Result<T, sqlx::Error>) {
+        self.reusable = match result {
+            Ok(_) | Err(sqlx::Error::RowNotFound) => true,
+            // The server refused the statement and serves the session on, unless it said that
+            // it ends it (a FATAL error: the server was shut down, the backend terminated).
+            Err(sqlx::Error::Database(e)) => e
+                .try_downcast_ref::<PgDatabaseError>()
+                .is_none_or(|e| !matches!(e.severity(), PgSeverity::Fatal | PgSeverity::Panic)),
+            Err(_) => false,
+        };
+    }
+}
+
+/// SQLite's one writing connection is always kept.
+impl Settle for tokio::sync::MutexGuard<'_, SqliteConnection> {
+    fn settle<T>(&mut self, _result: &std::result::Result<T, sqlx::Error>) {}
 }
 
 impl PgRepo {
@@ -44,14 +157,19 @@ impl PgRepo {
         let statement_timeout = timeout.as_millis().max(1).to_string();
         let options = PgConnectOptions::from_str(url)?
             .options([("synchronous_commit", "off"), ("statement_timeout", statement_timeout.as_str())]);
-        let pool = pg_pool_options(timeout).max_connections(16).connect_with(options.clone()).await?;
+        let pool = pg_pool_options(timeout).max_connections(8).connect_with(options.clone()).await?;
         let reader = pg_pool_options(timeout).max_connections(4).connect_with(options).await?;
-        Ok(Self { pool, reader })
+        Ok(Self { pool, reader, hot: HotConnections::new(timeout) })
     }
 
     /// A connection for statements that write.
     async fn writer(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
         Ok(self.pool.acquire().await?)
+    }
+
+    /// A connection for the statements every PATCH runs; tell it how each went.
+    async fn hot_writer(&self) -> Result<HotConnection<'_>> {
+        self.hot.get(&self.pool).await
     }
 
     async fn run_migrations(&self) -> Result<()> {
@@ -61,7 +179,8 @@ impl PgRepo {
 
     /// The connections that write: open, and idle.
     fn stats(&self) -> (u32, usize) {
-        (self.pool.size(), self.pool.num_idle())
+        let (open, idle) = self.hot.stats();
+        (self.pool.size() + open as u32, self.pool.num_idle() + idle)
     }
 }
 
@@ -126,6 +245,11 @@ impl SqliteRepo {
     /// The connection that writes, once the statements before have let go of it.
     async fn writer(&self) -> Result<tokio::sync::MutexGuard<'_, SqliteConnection>> {
         Ok(tokio::time::timeout(self.timeout, self.writer.lock()).await.map_err(|_| sqlx::Error::PoolTimedOut)?)
+    }
+
+    /// The same connection, for the statements every PATCH runs.
+    async fn hot_writer(&self) -> Result<tokio::sync::MutexGuard<'_, SqliteConnection>> {
+        self.writer().await
     }
 
     async fn run_migrations(&self) -> Result<()> {
@@ -425,14 +549,15 @@ macro_rules! sql_repo {
 
             async fn lease_append(&self, lease: &Lease) -> Result<Option<UploadRow>> {
                 // $7 is the upload's limit: its own size limit when smaller than --max-size.
-                let row = sqlx::query(&format!(
+                let statement = format!(
                     "UPDATE uploads SET write_gen = write_gen + 1, updated_at = $3, expires_at = $4 \
                      WHERE id = $1 AND upload_offset = $2 AND state = 'receiving' \
                      AND ($5 IS NULL OR owner = $5) \
                      AND ($6 IS NULL OR (length IS NULL AND $6 <= {LIMIT}) OR length = $6) \
                      AND ($8 IS NULL OR $8 <= COALESCE(length, $6, {LIMIT}) - upload_offset) \
                      RETURNING {COLUMNS}"
-                ))
+                );
+                let query = sqlx::query(&statement)
                 .bind(lease.id.uuid())
                 .bind(to_i64(lease.offset))
                 .bind(lease.now)
@@ -440,10 +565,11 @@ macro_rules! sql_repo {
                 .bind(&lease.owner)
                 .bind(lease.length.map(to_i64))
                 .bind(to_i64(lease.max_size))
-                .bind(lease.content_length.map(to_i64))
-                .fetch_optional(&mut *self.writer().await?)
-                .await?;
-                row.as_ref().map(decode).transpose()
+                .bind(lease.content_length.map(to_i64));
+                let mut conn = self.hot_writer().await?;
+                let row = query.fetch_optional(&mut *conn).await;
+                conn.settle(&row);
+                row?.as_ref().map(decode).transpose()
             }
 
             async fn commit_append(&self, c: &AppendCommit) -> Result<bool> {
@@ -476,7 +602,10 @@ macro_rules! sql_repo {
                     && c.events.is_empty();
                 if alone {
                     // One statement is its own transaction.
-                    return Ok(update.execute(&mut *self.writer().await?).await?.rows_affected() == 1);
+                    let mut conn = self.hot_writer().await?;
+                    let result = update.execute(&mut *conn).await;
+                    conn.settle(&result);
+                    return Ok(result?.rows_affected() == 1);
                 }
                 let mut conn = self.writer().await?;
                 let mut tx =

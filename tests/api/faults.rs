@@ -450,6 +450,38 @@ async fn a_database_that_lost_leases_does_not_lock_the_upload_out(backend: Backe
 
 crate::db_backend_tests!(a_database_that_lost_leases_does_not_lock_the_upload_out);
 
+/// The connection a PATCH's statements ran on is ended by the server (`pg_terminate_backend`,
+/// as when PostgreSQL is restarted or an operator cuts sessions): the next PATCH may meet that
+/// and answer 503, but the connection is not used again, so the PATCH after it succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_database_ended_is_not_used_again() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let data = random_bytes(3 * MIB, 142);
+    let url = app.create(data.len() as u64).await;
+    assert_eq!(app.patch(&url, 0, data[..MIB].to_vec()).await.status(), 204);
+    // The backends whose last statement was a PATCH's commit: the connections of PATCHes.
+    let admin = sqlx::PgPool::connect(&app.db_url).await.unwrap();
+    let of_patches = "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                      AND query LIKE 'UPDATE uploads SET upload_offset%'";
+    let ended: Vec<bool> =
+        sqlx::query_scalar(&format!("SELECT pg_terminate_backend(pid) {of_patches}")).fetch_all(&admin).await.unwrap();
+    assert_eq!(ended, [true], "one connection ran the PATCH's statements");
+    let gone = || async {
+        let left: i64 = sqlx::query_scalar(&format!("SELECT count(*) {of_patches}")).fetch_one(&admin).await.unwrap();
+        left == 0
+    };
+    wait_for("the backend to end", Duration::from_secs(10), gone).await;
+
+    let first = app.patch(&url, MIB as u64, data[MIB..2 * MIB].to_vec()).await;
+    let status = first.status();
+    assert!(status == 204 || status == 503, "{status}: {}", first.text().await.unwrap_or_default());
+    let offset = offset_of(&app, &url).await;
+    let second = app.patch(&url, offset as u64, data[offset..2 * MIB].to_vec()).await;
+    assert_eq!(second.status(), 204, "{}", second.text().await.unwrap_or_default());
+    assert_eq!(app.patch(&url, 2 * MIB as u64, data[2 * MIB..].to_vec()).await.status(), 204);
+    assert_eq!(app.download(&url).await, data);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_mid_upload() {
     database_goes_away(false).await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::{
     Row,
-    postgres::{PgConnectOptions, PgDatabaseError, PgPool, PgPoolOptions, PgSeverity},
+    postgres::{PgConnectOptions, PgPool, PgPoolOptions},
     sqlite::{
         SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
     },
@@ -38,13 +38,19 @@ pub struct PgRepo {
 /// How many connections the statements of every PATCH have, beside the pool's.
 const HOT_CONNECTIONS: usize = 8;
 
+/// A connection of [`HotConnections`] is closed once it is this old, or has sat idle this
+/// long (as sqlx's pool does with its own, by default).
+const HOT_MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+const HOT_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
 /// Connections for the statements every PATCH runs, kept apart from sqlx's pool: the pool
 /// tests every connection it takes back with a round trip to the server (a ping after each
 /// statement, which would double what a PATCH costs PostgreSQL). A connection here goes back to
-/// the idle ones only when its statement came back with an answer from the server; one that met
-/// anything else (an I/O error, a timeout, a request dropped mid-statement) is closed instead.
+/// the idle ones only when its statement succeeded; one that met anything else (an error of the
+/// server's or of the connection, a timeout, a request dropped mid-statement) is closed instead,
+/// so that a session the server keeps refusing (a primary turned read-only, say) is replaced.
 struct HotConnections {
-    idle: std::sync::Mutex<Vec<(sqlx::PgConnection, std::time::Instant)>>,
+    idle: std::sync::Mutex<Vec<Idle>>,
     permits: tokio::sync::Semaphore,
     timeout: Duration,
 }
@@ -53,9 +59,17 @@ struct HotConnections {
 /// [`Settle::settle`] said it may.
 pub struct HotConnection<'a> {
     connection: Option<sqlx::PgConnection>,
+    opened: std::time::Instant,
     reusable: bool,
     owner: &'a HotConnections,
     _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+/// An idle connection: since when it has been open, and since when idle.
+struct Idle {
+    connection: sqlx::PgConnection,
+    opened: std::time::Instant,
+    since: std::time::Instant,
 }
 
 impl HotConnections {
@@ -63,7 +77,7 @@ impl HotConnections {
         Self { idle: std::sync::Mutex::new(Vec::new()), permits: tokio::sync::Semaphore::new(HOT_CONNECTIONS), timeout }
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<(sqlx::PgConnection, std::time::Instant)>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
         self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -75,10 +89,20 @@ impl HotConnections {
             .map_err(|_| sqlx::Error::PoolTimedOut)?
             .map_err(|_| sqlx::Error::PoolClosed)?;
         loop {
-            let Some((mut connection, since)) = self.idle().pop() else { break };
-            if since.elapsed() < TESTED_RECENTLY || sqlx::Connection::ping(&mut connection).await.is_ok() {
+            let Some(Idle { mut connection, opened, since }) = self.idle().pop() else { break };
+            if opened.elapsed() >= HOT_MAX_LIFETIME {
+                continue;
+            }
+            // A connection whose peer vanished without a word may not answer at all.
+            let alive = since.elapsed() < TESTED_RECENTLY
+                || matches!(
+                    tokio::time::timeout(self.timeout, sqlx::Connection::ping(&mut connection)).await,
+                    Ok(Ok(()))
+                );
+            if alive {
                 return Ok(HotConnection {
                     connection: Some(connection),
+                    opened,
                     reusable: false,
                     owner: self,
                     _permit: permit,
@@ -86,7 +110,8 @@ impl HotConnections {
             }
         }
         let connection = pool.acquire().await?.detach();
-        Ok(HotConnection { connection: Some(connection), reusable: false, owner: self, _permit: permit })
+        let opened = std::time::Instant::now();
+        Ok(HotConnection { connection: Some(connection), opened, reusable: false, owner: self, _permit: permit })
     }
 
     /// Open, and idle.
@@ -115,29 +140,26 @@ impl Drop for HotConnection<'_> {
         if let Some(connection) = self.connection.take()
             && self.reusable
         {
-            self.owner.idle().push((connection, std::time::Instant::now()));
+            let mut idle = self.owner.idle();
+            // The longest idle are at the bottom: the newest is taken first.
+            idle.retain(|idle| idle.since.elapsed() < HOT_IDLE_TIMEOUT);
+            idle.push(Idle { connection, opened: self.opened, since: std::time::Instant::now() });
         }
     }
 }
 
 /// A connection that outlives a statement is told how the statement went.
 trait Settle {
-    /// Whether the connection may serve further statements: after an answer from the server
-    /// (rows, or an error the server reported), yes; after anything else, no.
+    /// Whether the connection may serve further statements: after a statement that succeeded,
+    /// yes; after any error, no.
     fn settle<T>(&mut self, result: &std::result::Result<T, sqlx::Error>);
 }
 
 impl Settle for HotConnection<'_> {
     fn settle<T>(&mut self, result: &std::result::Result<T, sqlx::Error>) {
-        self.reusable = match result {
-            Ok(_) | Err(sqlx::Error::RowNotFound) => true,
-            // The server refused the statement and serves the session on, unless it said that
-            // it ends it (a FATAL error: the server was shut down, the backend terminated).
-            Err(sqlx::Error::Database(e)) => e
-                .try_downcast_ref::<PgDatabaseError>()
-                .is_none_or(|e| !matches!(e.severity(), PgSeverity::Fatal | PgSeverity::Panic)),
-            Err(_) => false,
-        };
+        // Errors are rare here (a refused lease is no row, not an error), so a fresh
+        // connection after one costs little, and no state of a failed session is carried on.
+        self.reusable = result.is_ok();
     }
 }
 

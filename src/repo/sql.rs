@@ -38,11 +38,6 @@ pub struct PgRepo {
 /// How many connections the statements of every PATCH have, beside the pool's.
 const HOT_CONNECTIONS: usize = 8;
 
-/// A connection of [`HotConnections`] is closed once it is this old, or has sat idle this
-/// long (as sqlx's pool does with its own, by default).
-const HOT_MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
-const HOT_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
-
 /// Connections for the statements every PATCH runs, kept apart from sqlx's pool: the pool
 /// tests every connection it takes back with a round trip to the server (a ping after each
 /// statement, which would double what a PATCH costs PostgreSQL). A connection here goes back to
@@ -53,6 +48,10 @@ struct HotConnections {
     idle: std::sync::Mutex<Vec<Idle>>,
     permits: tokio::sync::Semaphore,
     timeout: Duration,
+    /// A connection is closed once it is this old, or has sat idle this long: the limits of the
+    /// pool it was opened by, which it keeps to.
+    max_lifetime: Option<Duration>,
+    idle_timeout: Option<Duration>,
 }
 
 /// A connection taken from [`HotConnections`]: it goes back when it is dropped, if
@@ -73,8 +72,14 @@ struct Idle {
 }
 
 impl HotConnections {
-    fn new(timeout: Duration) -> Self {
-        Self { idle: std::sync::Mutex::new(Vec::new()), permits: tokio::sync::Semaphore::new(HOT_CONNECTIONS), timeout }
+    fn new(pool: &PgPool, timeout: Duration) -> Self {
+        Self {
+            idle: std::sync::Mutex::new(Vec::new()),
+            permits: tokio::sync::Semaphore::new(HOT_CONNECTIONS),
+            timeout,
+            max_lifetime: pool.options().get_max_lifetime(),
+            idle_timeout: pool.options().get_idle_timeout(),
+        }
     }
 
     fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
@@ -90,7 +95,7 @@ impl HotConnections {
             .map_err(|_| sqlx::Error::PoolClosed)?;
         loop {
             let Some(Idle { mut connection, opened, since }) = self.idle().pop() else { break };
-            if opened.elapsed() >= HOT_MAX_LIFETIME {
+            if self.max_lifetime.is_some_and(|max| opened.elapsed() >= max) {
                 continue;
             }
             // A connection whose peer vanished without a word may not answer at all.
@@ -142,7 +147,8 @@ impl Drop for HotConnection<'_> {
         {
             let mut idle = self.owner.idle();
             // The longest idle are at the bottom: the newest is taken first.
-            idle.retain(|idle| idle.since.elapsed() < HOT_IDLE_TIMEOUT);
+            let timeout = self.owner.idle_timeout;
+            idle.retain(|idle| timeout.is_none_or(|timeout| idle.since.elapsed() < timeout));
             idle.push(Idle { connection, opened: self.opened, since: std::time::Instant::now() });
         }
     }
@@ -181,7 +187,8 @@ impl PgRepo {
             .options([("synchronous_commit", "off"), ("statement_timeout", statement_timeout.as_str())]);
         let pool = pg_pool_options(timeout).max_connections(8).connect_with(options.clone()).await?;
         let reader = pg_pool_options(timeout).max_connections(4).connect_with(options).await?;
-        Ok(Self { pool, reader, hot: HotConnections::new(timeout) })
+        let hot = HotConnections::new(&pool, timeout);
+        Ok(Self { pool, reader, hot })
     }
 
     /// A connection for statements that write.

@@ -100,7 +100,12 @@ impl DatabaseArgs {
     /// read the way sqlx reads the URL.
     pub fn sqlite_folder(&self) -> Option<PathBuf> {
         use std::str::FromStr;
-        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&self.url()).ok()?;
+        let url = self.url();
+        // sqlx would read any other URL as a file name too (a PostgreSQL URL among them).
+        if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
+            return None;
+        }
+        let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url).ok()?;
         let file = options.get_filename();
         if file.as_os_str().is_empty() || file.to_string_lossy().contains(":memory:") {
             return None;
@@ -477,6 +482,24 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn database(url: Option<&str>) -> DatabaseArgs {
+        DatabaseArgs {
+            data_dir: PathBuf::from("/var/lib/ferry"),
+            database_url: url.map(str::to_string),
+            database_timeout: Duration::from_secs(2),
+        }
+    }
+
+    #[test]
+    fn only_a_sqlite_database_has_a_folder() {
+        assert_eq!(database(None).sqlite_folder(), Some(PathBuf::from("/var/lib/ferry")));
+        assert_eq!(database(Some("sqlite:///srv/db/ferry.db")).sqlite_folder(), Some(PathBuf::from("/srv/db")));
+        assert_eq!(database(Some("sqlite::memory:")).sqlite_folder(), None);
+        // The emergency ballast goes beside the database file: a PostgreSQL URL is no folder.
+        assert_eq!(database(Some("postgres://postgres@127.0.0.1:5432/ferry")).sqlite_folder(), None);
+        assert_eq!(database(Some("postgresql://db.internal/ferry")).sqlite_folder(), None);
+    }
 
     #[test]
     fn sizes() {

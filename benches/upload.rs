@@ -396,6 +396,8 @@ struct Ingest {
     cpu: [Duration; 2],
     /// CPU time of the measuring client (this process) during the same uploads.
     client_cpu: [Duration; 2],
+    /// The server's minor page faults during the uploads.
+    faults: [u64; 2],
     bytes: [usize; 2],
 }
 
@@ -444,9 +446,10 @@ async fn ingest(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) -
                 if std::env::var("FERRY_BENCH_CHUNK_MIB").is_ok_and(|c| c != (chunk / MIB).to_string()) {
                     continue;
                 }
-                let (cpu, client_cpu) = (server.cpu(), own_cpu());
+                let (cpu, client_cpu, faults) = (server.cpu(), own_cpu(), server.minor_faults());
                 let took = client::timed_upload(server.addr, &server.base_path, &data, *chunk).await;
                 result.cpu[i] += server.cpu().saturating_sub(cpu);
+                result.faults[i] += server.minor_faults().saturating_sub(faults);
                 result.client_cpu[i] += own_cpu().saturating_sub(client_cpu);
                 result.bytes[i] += size;
                 result.rates[i].push(mb_per_s(size, took));
@@ -454,8 +457,8 @@ async fn ingest(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) -
         }
     }
     println!(
-        "{:<26} {:>12} {:>12} {:>16} {:>16}",
-        "server", "MB/s 8 MiB", "MB/s 1 MiB", "CPU s/GiB 8 MiB", "CPU s/GiB 1 MiB"
+        "{:<26} {:>12} {:>12} {:>16} {:>16} {:>18}",
+        "server", "MB/s 8 MiB", "MB/s 1 MiB", "CPU s/GiB 8 MiB", "CPU s/GiB 1 MiB", "faults/GiB 8/1 MiB"
     );
     let mut medians = Vec::new();
     let mut client_cpus = Vec::new();
@@ -463,7 +466,11 @@ async fn ingest(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) -
         let m = [median(&mut result.rates[0]), median(&mut result.rates[1])];
         let per_gib = |spent: &[Duration; 2]| [0, 1].map(|i| spent[i].as_secs_f64() / (result.bytes[i] as f64 / GIB));
         let cpu = per_gib(&result.cpu);
-        println!("{:<26} {:>12.0} {:>12.0} {:>16.2} {:>16.2}", server.name, m[0], m[1], cpu[0], cpu[1]);
+        let faults = [0, 1].map(|i| result.faults[i] as f64 / (result.bytes[i] as f64 / GIB));
+        println!(
+            "{:<26} {:>12.0} {:>12.0} {:>16.2} {:>16.2} {:>11.0}/{:.0}",
+            server.name, m[0], m[1], cpu[0], cpu[1], faults[0], faults[1]
+        );
         client_cpus.push((server.name.clone(), per_gib(&result.client_cpu)));
         medians.push((server.name.clone(), m, cpu));
     }

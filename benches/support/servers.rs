@@ -55,6 +55,14 @@ impl Server {
         Duration::from_millis(ticks * 1000 / clock_ticks())
     }
 
+    /// Minor page faults the process took so far (all threads, those ended included): every
+    /// page of fresh memory it touches costs one, with the kernel zeroing the page.
+    pub fn minor_faults(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+        fields.get(7).and_then(|f| f.parse().ok()).unwrap_or(0)
+    }
+
     /// Peak resident memory since start or since [`Server::reset_peak_rss`], in bytes.
     pub fn peak_rss(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();

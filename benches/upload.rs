@@ -591,11 +591,12 @@ async fn slow(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
                 // Spread the starts over a second, as real clients arrive.
                 tokio::time::sleep(Duration::from_micros(i as u64 * 1000)).await;
                 let mut conn = client::Conn::open(addr).await;
-                let path = client::create(&mut conn, &base, SIZE).await;
+                // A refused creation is counted (the upload does not complete), not retried.
+                let path = client::try_create(&mut conn, &base, SIZE).await?;
                 let _ = paths.send(path.clone());
                 let body = client::paced(data.clone(), PIECE, Duration::from_millis(125));
                 client::patch(&mut conn, &path, 0, SIZE, body).await;
-                (conn, path, data)
+                Ok::<_, String>((conn, path, data))
             })
         })
         .collect();
@@ -629,8 +630,12 @@ async fn slow(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
         })
     };
     let mut finished = Vec::new();
+    let mut refused = Vec::new();
     for upload in uploads {
-        finished.push(upload.await.unwrap());
+        match upload.await.unwrap() {
+            Ok(upload) => finished.push(upload),
+            Err(refusal) => refused.push(refusal),
+        }
     }
     let took = started.elapsed();
     done.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -643,6 +648,9 @@ async fn slow(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
         let answer = conn.send("GET", &path, &[], client::empty()).await;
         exact += usize::from(answer.status == 200 && answer.body == data);
         paths.push(path);
+    }
+    if let Some(first) = refused.first() {
+        println!("{} of {UPLOADS} creations were refused, the first with: {first}", refused.len());
     }
     latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let p99 = latencies.get(latencies.len() * 99 / 100).copied().unwrap_or(f64::NAN);

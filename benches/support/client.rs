@@ -82,9 +82,17 @@ fn tus() -> (&'static str, String) {
 
 /// POST: creates an upload of `length` bytes; returns its path.
 pub async fn create(conn: &mut Conn, base_path: &str, length: usize) -> String {
+    try_create(conn, base_path, length).await.unwrap_or_else(|refused| panic!("create: {refused}"))
+}
+
+/// POST: creates an upload of `length` bytes; returns its path, or the status and message of a
+/// refusal.
+pub async fn try_create(conn: &mut Conn, base_path: &str, length: usize) -> Result<String, String> {
     let answer = conn.send("POST", base_path, &[tus(), ("upload-length", length.to_string())], empty()).await;
-    assert_eq!(answer.status, 201, "create: {}", String::from_utf8_lossy(&answer.body));
-    path_of(answer.header("location").expect("a Location"))
+    if answer.status != StatusCode::CREATED {
+        return Err(format!("{} {}", answer.status, String::from_utf8_lossy(&answer.body)));
+    }
+    Ok(path_of(answer.header("location").expect("a Location")))
 }
 
 /// PATCH: appends `body` at `offset`; returns the new offset.

@@ -464,14 +464,15 @@ async fn ingest(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) -
     let mut client_cpus = Vec::new();
     for (server, result) in servers.iter().zip(results.iter_mut()) {
         let m = [median(&mut result.rates[0]), median(&mut result.rates[1])];
-        let per_gib = |spent: &[Duration; 2]| [0, 1].map(|i| spent[i].as_secs_f64() / (result.bytes[i] as f64 / GIB));
-        let cpu = per_gib(&result.cpu);
-        let faults = [0, 1].map(|i| result.faults[i] as f64 / (result.bytes[i] as f64 / GIB));
+        let per_gib = |amount: [f64; 2]| [0, 1].map(|i| amount[i] / (result.bytes[i] as f64 / GIB));
+        let seconds = |spent: &[Duration; 2]| spent.map(|d| d.as_secs_f64());
+        let cpu = per_gib(seconds(&result.cpu));
+        let faults = per_gib(result.faults.map(|f| f as f64));
         println!(
             "{:<26} {:>12.0} {:>12.0} {:>16.2} {:>16.2} {:>11.0}/{:.0}",
             server.name, m[0], m[1], cpu[0], cpu[1], faults[0], faults[1]
         );
-        client_cpus.push((server.name.clone(), per_gib(&result.client_cpu)));
+        client_cpus.push((server.name.clone(), per_gib(seconds(&result.client_cpu))));
         medians.push((server.name.clone(), m, cpu));
     }
     let find = |name: &str| medians.iter().find(|(n, _, _)| n.starts_with(name)).map(|(_, m, c)| (*m, *c));

@@ -101,13 +101,14 @@ impl DatabaseArgs {
     pub fn sqlite_folder(&self) -> Option<PathBuf> {
         use std::str::FromStr;
         let url = self.url();
-        // sqlx would read any other URL as a file name too (a PostgreSQL URL among them).
-        if !url.starts_with("sqlite:") || url.contains(":memory:") || url.contains("mode=memory") {
+        // sqlx would read any other URL as a file name too (a PostgreSQL URL among them), and
+        // names an in-memory database's shared cache as if it were a file.
+        if !crate::repo::is_sqlite(&url) || url.contains(":memory:") || url.contains("mode=memory") {
             return None;
         }
         let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url).ok()?;
         let file = options.get_filename();
-        if file.as_os_str().is_empty() || file.to_string_lossy().contains(":memory:") {
+        if file.as_os_str().is_empty() {
             return None;
         }
         let parent = file.parent()?;

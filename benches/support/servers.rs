@@ -47,20 +47,22 @@ impl Server {
 
     /// CPU time the process used so far (user + system, all threads, those ended included).
     pub fn cpu(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) in parentheses.
-        let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-        let ticks: u64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0)
-            + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
-        Duration::from_millis(ticks * 1000 / clock_ticks())
+        let fields = self.stat(&[11, 12]);
+        Duration::from_millis((fields[0] + fields[1]) * 1000 / clock_ticks())
     }
 
     /// Minor page faults the process took so far (all threads, those ended included): every
     /// page of fresh memory it touches costs one, with the kernel zeroing the page.
     pub fn minor_faults(&self) -> u64 {
+        self.stat(&[7])[0]
+    }
+
+    /// Numeric fields of `/proc/<pid>/stat`, counted from the one after the command name (which
+    /// may hold spaces, in parentheses); 0 for any that cannot be read.
+    fn stat(&self, indices: &[usize]) -> Vec<u64> {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
         let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-        fields.get(7).and_then(|f| f.parse().ok()).unwrap_or(0)
+        indices.iter().map(|&i| fields.get(i).and_then(|f| f.parse().ok()).unwrap_or(0)).collect()
     }
 
     /// Peak resident memory since start or since [`Server::reset_peak_rss`], in bytes.

@@ -349,12 +349,17 @@ pub enum EventOutcome {
     Dead { at: i64, error: String },
 }
 
+/// Whether `url` names a SQLite database (`sqlite:...`).
+pub fn is_sqlite(url: &str) -> bool {
+    url.starts_with("sqlite:")
+}
+
 /// Connects to the database named by `url` (`postgres://` or `sqlite://`), with `timeout` for
 /// acquiring a connection and for each statement (`--database-timeout`).
 pub async fn connect(url: &str, timeout: std::time::Duration) -> anyhow::Result<Arc<dyn Repo>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Arc::new(PgRepo::connect(url, timeout).await?))
-    } else if url.starts_with("sqlite:") {
+    } else if is_sqlite(url) {
         Ok(Arc::new(SqliteRepo::connect(url, timeout).await?))
     } else {
         anyhow::bail!("unsupported database URL (expected postgres://... or sqlite://...)")

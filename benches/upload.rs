@@ -593,11 +593,17 @@ async fn slow(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
                 tokio::time::sleep(Duration::from_micros(i as u64 * 1000)).await;
                 let mut conn = client::Conn::open(addr).await;
                 // A refused creation is counted (the upload does not complete), not retried.
-                let path = client::try_create(&mut conn, &base, SIZE).await?;
+                let sent = Instant::now();
+                let created = client::try_create(&mut conn, &base, SIZE).await;
+                let creating = sent.elapsed().as_secs_f64() * 1000.0;
+                let path = match created {
+                    Ok(path) => path,
+                    Err(refusal) => return (creating, Err(refusal)),
+                };
                 let _ = paths.send(path.clone());
                 let body = client::paced(data.clone(), PIECE, Duration::from_millis(125));
                 client::patch(&mut conn, &path, 0, SIZE, body).await;
-                Ok::<_, String>((conn, path, data))
+                (creating, Ok((conn, path, data)))
             })
         })
         .collect();
@@ -632,8 +638,11 @@ async fn slow(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
     };
     let mut finished = Vec::new();
     let mut refused = Vec::new();
+    let mut creations = Vec::new();
     for upload in uploads {
-        match upload.await.unwrap() {
+        let (creating, outcome) = upload.await.unwrap();
+        creations.push(creating);
+        match outcome {
             Ok(upload) => finished.push(upload),
             Err(refusal) => refused.push(refusal),
         }
@@ -653,13 +662,13 @@ async fn slow(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
     if let Some(first) = refused.first() {
         println!("{} of {UPLOADS} creations were refused, the first with: {first}", refused.len());
     }
-    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let p99 = latencies.get(latencies.len() * 99 / 100).copied().unwrap_or(f64::NAN);
-    let p50 = latencies.get(latencies.len() / 2).copied().unwrap_or(f64::NAN);
+    let [p50, p99, _] = percentiles(&mut latencies);
+    let [create_p50, create_p99, create_max] = percentiles(&mut creations);
     println!(
         "\n== slow: {UPLOADS} uploads of 1 MiB at once, bodies at 128 KiB/s, ferry on {label}\n\
          {exact} of {UPLOADS} complete and byte-exact in {:.1} s; ferry's peak RSS {peak:.1} MiB; \
-         {} HEADs meanwhile: p50 {p50:.1} ms, p99 {p99:.1} ms",
+         {} HEADs meanwhile: p50 {p50:.1} ms, p99 {p99:.1} ms\n\
+         creations (one a millisecond): p50 {create_p50:.1} ms, p99 {create_p99:.1} ms, slowest {create_max:.1} ms",
         took.as_secs_f64(),
         latencies.len()
     );
@@ -674,6 +683,13 @@ async fn slow(scratch: &Path, postgres: Option<&str>, targets: &mut Targets) {
     for path in paths {
         let _ = conn.send("DELETE", &path, &[("tus-resumable", "1.0.0".into())], client::empty()).await;
     }
+}
+
+/// The median, the 99th percentile and the largest of `values` (NaN when there are none).
+fn percentiles(values: &mut [f64]) -> [f64; 3] {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let at = |i: usize| values.get(i).copied().unwrap_or(f64::NAN);
+    [at(values.len() / 2), at(values.len() * 99 / 100), values.last().copied().unwrap_or(f64::NAN)]
 }
 
 /// An object store the benchmark measures ferry on.

@@ -196,6 +196,11 @@ impl PgRepo {
         Ok(self.pool.acquire().await?)
     }
 
+    /// Where transactions that write begin (see [`PgBegin`]).
+    async fn transactions(&self) -> Result<PgBegin<'_>> {
+        Ok(PgBegin(&self.pool))
+    }
+
     /// A connection for the statements every PATCH runs; tell it how each went.
     async fn hot_writer(&self) -> Result<HotConnection<'_>> {
         self.hot.get(&self.pool).await
@@ -278,6 +283,11 @@ impl SqliteRepo {
 
     /// The same connection, for the statements every PATCH runs.
     async fn hot_writer(&self) -> Result<tokio::sync::MutexGuard<'_, SqliteConnection>> {
+        self.writer().await
+    }
+
+    /// The same connection, for transactions.
+    async fn transactions(&self) -> Result<tokio::sync::MutexGuard<'_, SqliteConnection>> {
         self.writer().await
     }
 
@@ -468,26 +478,58 @@ where
     })
 }
 
-/// Opens a transaction whose commit must be durable before the caller goes on: one whose effect
-/// is answered to a client as final (a completion), or followed by a side effect outside the
-/// database (deleting bytes). `$durable` is the statement that asks for it (PostgreSQL runs with
-/// `synchronous_commit = off` otherwise; SQLite has nothing to ask).
-macro_rules! durable_tx {
-    ($conn:expr, $durable:literal) => {{
-        let mut tx = sqlx::Connection::begin(&mut *$conn).await?;
-        if !$durable.is_empty() {
-            sqlx::query($durable).execute(&mut *tx).await?;
+/// Begins the transactions of a backend's writing connection.
+///
+/// `durable`: the commit must be durable before the caller goes on (its effect is answered to a
+/// client as final, such as a creation or a completion, or is followed by a side effect outside
+/// the database, such as deleting bytes). PostgreSQL runs with `synchronous_commit = off`
+/// otherwise; SQLite has nothing to ask.
+trait BeginTx {
+    type Db: sqlx::Database;
+
+    async fn begin_tx(&mut self, durable: bool) -> Result<sqlx::Transaction<'_, Self::Db>>;
+}
+
+/// Where PostgreSQL transactions begin: on a connection of the writing pool.
+struct PgBegin<'a>(&'a PgPool);
+
+impl BeginTx for PgBegin<'_> {
+    type Db = sqlx::Postgres;
+
+    async fn begin_tx(&mut self, durable: bool) -> Result<sqlx::Transaction<'_, sqlx::Postgres>> {
+        // sqlx 0.8 counts a PostgreSQL transaction as open only once its BEGIN is answered. A
+        // caller dropped while the BEGIN is on the wire (the request of a client that hung up)
+        // would put the connection back into the pool inside an open transaction, where the
+        // statements of whoever takes it next would run, hold their locks and never commit. So
+        // the BEGIN runs in a task of its own, which always reads the answer: a transaction
+        // nobody awaits any more is then rolled back when it is dropped, like any other.
+        // The durable kind asks for it in the same round trip.
+        let statement = if durable { "BEGIN; SET LOCAL synchronous_commit = on" } else { "BEGIN" };
+        let pool = self.0.clone();
+        match tokio::spawn(async move { pool.begin_with(statement).await }).await {
+            Ok(tx) => Ok(tx?),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(sqlx::Error::PoolClosed.into()),
         }
-        tx
-    }};
+    }
+}
+
+impl BeginTx for tokio::sync::MutexGuard<'_, SqliteConnection> {
+    type Db = sqlx::Sqlite;
+
+    async fn begin_tx(&mut self, _durable: bool) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>> {
+        // sqlx's SQLite worker rolls back by itself a BEGIN whose caller went away.
+        Ok(sqlx::Connection::begin(&mut **self).await?)
+    }
 }
 
 /// One guarded UPDATE (which has to change exactly one row) and the outbox events it causes, in
-/// one transaction. Evaluates to `Ok(false)`, changing nothing, when the guard does not hold.
+/// one durable transaction. Evaluates to `Ok(false)`, changing nothing, when the guard does not
+/// hold.
 macro_rules! guarded_update {
-    ($repo:expr, $durable:literal, $query:expr, $events:expr) => {{
-        let mut conn = $repo.writer().await?;
-        let mut tx = durable_tx!(conn, $durable);
+    ($repo:expr, $query:expr, $events:expr) => {{
+        let mut conn = $repo.transactions().await?;
+        let mut tx = conn.begin_tx(true).await?;
         if $query.execute(&mut *tx).await?.rows_affected() != 1 {
             return Ok(false);
         }
@@ -498,7 +540,7 @@ macro_rules! guarded_update {
 }
 
 macro_rules! sql_repo {
-    ($repo:ty, $skip_locked:literal, $durable:literal) => {
+    ($repo:ty, $skip_locked:literal) => {
 
         #[async_trait]
         impl Repo for $repo {
@@ -533,8 +575,8 @@ macro_rules! sql_repo {
 
             async fn insert(&self, upload: &NewUpload, events: &[NewEvent]) -> Result<bool> {
                 let (concat, concat_parts) = concat_columns(&upload.concat);
-                let mut conn = self.writer().await?;
-                let mut tx = durable_tx!(conn, $durable);
+                let mut conn = self.transactions().await?;
+                let mut tx = conn.begin_tx(true).await?;
                 sqlx::query(
                     "INSERT INTO uploads (id, length, upload_offset, metadata, state, concat, concat_parts, \
                      hash_state, sha256, owner, created_at, updated_at, expires_at, multipart_id, part_size, size_limit, key_prefix, \
@@ -636,9 +678,8 @@ macro_rules! sql_repo {
                     conn.settle(&result);
                     return Ok(result?.rows_affected() == 1);
                 }
-                let mut conn = self.writer().await?;
-                let mut tx =
-                    if c.events.is_empty() { sqlx::Connection::begin(&mut *conn).await? } else { durable_tx!(conn, $durable) };
+                let mut conn = self.transactions().await?;
+                let mut tx = conn.begin_tx(!c.events.is_empty()).await?;
                 if update.execute(&mut *tx).await?.rows_affected() != 1 {
                     return Ok(false);
                 }
@@ -749,7 +790,6 @@ macro_rules! sql_repo {
             async fn terminate(&self, id: UploadId, now: i64, events: &[NewEvent]) -> Result<bool> {
                 guarded_update!(
                     self,
-                    $durable,
                     sqlx::query(
                         "UPDATE uploads SET state = 'terminated', updated_at = $2, expires_at = NULL, \
                          write_gen = write_gen + 1 \
@@ -776,7 +816,6 @@ macro_rules! sql_repo {
             async fn expire(&self, id: UploadId, now: i64, events: &[NewEvent]) -> Result<bool> {
                 guarded_update!(
                     self,
-                    $durable,
                     sqlx::query(
                         "UPDATE uploads SET state = 'expired', updated_at = $2, write_gen = write_gen + 1 \
                          WHERE id = $1 AND state = 'receiving' AND expires_at < $2",
@@ -875,7 +914,6 @@ macro_rules! sql_repo {
             ) -> Result<bool> {
                 guarded_update!(
                     self,
-                    $durable,
                     sqlx::query(
                         "UPDATE uploads SET state = 'completed', upload_offset = length, sha256 = COALESCE($2, sha256), \
                          claimed_until = NULL, updated_at = $3, expires_at = NULL \
@@ -916,8 +954,8 @@ macro_rules! sql_repo {
             }
 
             async fn adopt_pieces(&self, id: UploadId, pieces: &[Piece], now: i64) -> Result<bool> {
-                let mut conn = self.writer().await?;
-                let mut tx = durable_tx!(conn, $durable);
+                let mut conn = self.transactions().await?;
+                let mut tx = conn.begin_tx(true).await?;
                 let adopted = sqlx::query(
                     "UPDATE uploads SET state = 'completed', upload_offset = length, sha256 = NULL, claimed_until = NULL, \
                      updated_at = $2, expires_at = NULL WHERE id = $1 AND state = 'completing' AND concat = 'final'",
@@ -936,7 +974,6 @@ macro_rules! sql_repo {
             async fn record_digest(&self, id: UploadId, sha256: [u8; 32], now: i64, events: &[NewEvent]) -> Result<bool> {
                 guarded_update!(
                     self,
-                    $durable,
                     sqlx::query(
                         "UPDATE uploads SET sha256 = $2, claimed_until = NULL, updated_at = $3 \
                          WHERE id = $1 AND state = 'completed' AND sha256 IS NULL",
@@ -1031,5 +1068,5 @@ macro_rules! sql_repo {
 
 // PostgreSQL lets dispatchers on several instances skip each other's rows; SQLite serialises
 // writers anyway.
-sql_repo!(PgRepo, "FOR UPDATE SKIP LOCKED", "SET LOCAL synchronous_commit = on");
-sql_repo!(SqliteRepo, "", "");
+sql_repo!(PgRepo, "FOR UPDATE SKIP LOCKED");
+sql_repo!(SqliteRepo, "");

@@ -14,6 +14,7 @@ mod clients;
 mod cluster;
 mod concurrency;
 mod creation;
+mod database;
 mod doctor;
 mod download;
 mod expiration;

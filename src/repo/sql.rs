@@ -506,7 +506,8 @@ impl BeginTx for PgBegin<'_> {
         // The durable kind asks for it in the same round trip.
         let statement = if durable { "BEGIN; SET LOCAL synchronous_commit = on" } else { "BEGIN" };
         let pool = self.0.clone();
-        match tokio::spawn(async move { pool.begin_with(statement).await }).await {
+        let begin = async move { pool.begin_with(statement).await };
+        match tokio::spawn(tracing::Instrument::in_current_span(begin)).await {
             Ok(tx) => Ok(tx?),
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => Err(sqlx::Error::PoolClosed.into()),

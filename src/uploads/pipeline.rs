@@ -226,26 +226,46 @@ impl Queues {
         self.failed.is_none() && self.appender.is_some() && self.write.can_start()
     }
 
-    fn start_hashing(&mut self, shared: &Arc<Shared>) {
-        if self.hash_can_start() {
-            self.hash.running = true;
+    /// Marks the hash stage running when it can start: the caller starts it once it has let go
+    /// of the lock (see [`Starts`]).
+    fn claim_hashing(&mut self) -> bool {
+        let start = self.hash_can_start();
+        self.hash.running |= start;
+        start
+    }
+
+    /// The same for the write stage.
+    fn claim_writing(&mut self) -> bool {
+        let start = self.write_can_start();
+        self.write.running |= start;
+        start
+    }
+
+    /// Claims both stages that have work waiting.
+    fn claim(&mut self) -> Starts {
+        Starts { hash: self.claim_hashing(), write: self.claim_writing() }
+    }
+}
+
+/// Stages claimed under the lock, to be started after it is let go: starting one wakes a blocking
+/// thread (or creates one), and a stage that wants the lock meanwhile would sleep on it.
+#[must_use]
+#[derive(Default)]
+struct Starts {
+    hash: bool,
+    write: bool,
+}
+
+impl Starts {
+    fn spawn(self, shared: &Arc<Shared>) {
+        if self.hash {
             let shared = shared.clone();
             tokio::task::spawn_blocking(move || hash_stage(shared));
         }
-    }
-
-    fn start_writing(&mut self, shared: &Arc<Shared>) {
-        if self.write_can_start() {
-            self.write.running = true;
+        if self.write {
             let shared = shared.clone();
             tokio::task::spawn_blocking(move || write_stage(shared));
         }
-    }
-
-    /// Starts both stages on what waits for them.
-    fn start(&mut self, shared: &Arc<Shared>) {
-        self.start_hashing(shared);
-        self.start_writing(shared);
     }
 }
 
@@ -479,7 +499,9 @@ impl Pipeline {
         };
         let mut q = self.shared.lock();
         q.hashes = Some(Hashes { file: hasher, chunk });
-        q.start_hashing(&self.shared);
+        let starts = Starts { hash: q.claim_hashing(), write: false };
+        drop(q);
+        starts.spawn(&self.shared);
     }
 
     /// Bytes received so far.
@@ -572,7 +594,9 @@ impl Pipeline {
         }
         let mut q = self.shared.lock();
         q.appender = Some(appender);
-        q.start_writing(&self.shared);
+        let starts = Starts { hash: false, write: q.claim_writing() };
+        drop(q);
+        starts.spawn(&self.shared);
         Ok(())
     }
 
@@ -795,17 +819,18 @@ impl Pipeline {
         q.write.push(frame);
         // Each stage is started for its own queue: the write stage, faster, drains its queue
         // sooner and waits for a batch again rather than being woken for every frame.
-        if q.hash.len >= STAGE_START {
-            q.start_hashing(&self.shared);
-        }
-        if q.write.len >= WRITE_START {
-            q.start_writing(&self.shared);
-        }
+        let starts = Starts {
+            hash: q.hash.len >= STAGE_START && q.claim_hashing(),
+            write: q.write.len >= WRITE_START && q.claim_writing(),
+        };
+        drop(q);
+        starts.spawn(&self.shared);
     }
 
     /// The stages take what is queued.
     fn kick(&self) {
-        self.shared.lock().start(&self.shared);
+        let starts = self.shared.lock().claim();
+        starts.spawn(&self.shared);
     }
 
     /// Before the request task waits: starts the hash stage now if the body cannot be read (the

@@ -277,6 +277,8 @@ struct Lane {
     len: u64,
     /// Bytes the stage has taken in (hashed, or written).
     done: u64,
+    /// Bytes of the pass the stage is in (taken from `frames`, not yet in `done`).
+    taken: u64,
     running: bool,
 }
 
@@ -298,6 +300,7 @@ impl Lane {
             frames.push(self.frames.pop_front().expect("a frame"));
         }
         self.len -= taken;
+        self.taken = taken;
         (frames, taken)
     }
 
@@ -401,6 +404,7 @@ fn hash_stage(shared: Arc<Shared>) {
         drop(frames);
         let mut q = shared.lock();
         q.hashes = Some(hashes);
+        q.hash.taken = 0;
         q.hash.done += len;
         q.tell(&shared);
     }
@@ -421,6 +425,7 @@ fn write_stage(shared: Arc<Shared>) {
         let result = appender.write(frames);
         let mut q = shared.lock();
         q.appender = Some(appender);
+        q.write.taken = 0;
         match result {
             Ok(()) => q.write.done += len,
             Err(e) => q.failed = Some(e),
@@ -522,7 +527,13 @@ impl Pipeline {
             return None;
         }
         self.space_checked_at = self.received;
-        let pending = self.received.saturating_sub(self.shared.lock().write.done);
+        // Bytes being written count as written: the volume's free space already shows them in
+        // part, and counting them twice would refuse a body before the reserve is reached (and
+        // let the next one in).
+        let pending = {
+            let q = self.shared.lock();
+            self.received.saturating_sub(q.write.done + q.write.taken)
+        };
         reserve.refuse(pending)
     }
 

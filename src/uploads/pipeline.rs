@@ -250,7 +250,6 @@ impl Queues {
 /// Stages claimed under the lock, to be started after it is let go: starting one wakes a blocking
 /// thread (or creates one), and a stage that wants the lock meanwhile would sleep on it.
 #[must_use]
-#[derive(Default)]
 struct Starts {
     hash: bool,
     write: bool,
@@ -277,8 +276,6 @@ struct Lane {
     len: u64,
     /// Bytes the stage has taken in (hashed, or written).
     done: u64,
-    /// Bytes of the pass the stage is in (taken from `frames`, not yet in `done`).
-    taken: u64,
     running: bool,
 }
 
@@ -300,7 +297,6 @@ impl Lane {
             frames.push(self.frames.pop_front().expect("a frame"));
         }
         self.len -= taken;
-        self.taken = taken;
         (frames, taken)
     }
 
@@ -404,7 +400,6 @@ fn hash_stage(shared: Arc<Shared>) {
         drop(frames);
         let mut q = shared.lock();
         q.hashes = Some(hashes);
-        q.hash.taken = 0;
         q.hash.done += len;
         q.tell(&shared);
     }
@@ -425,7 +420,6 @@ fn write_stage(shared: Arc<Shared>) {
         let result = appender.write(frames);
         let mut q = shared.lock();
         q.appender = Some(appender);
-        q.write.taken = 0;
         match result {
             Ok(()) => q.write.done += len,
             Err(e) => q.failed = Some(e),
@@ -530,9 +524,11 @@ impl Pipeline {
         // Bytes being written count as written: the volume's free space already shows them in
         // part, and counting them twice would refuse a body before the reserve is reached (and
         // let the next one in).
+        // What the write stage has not taken yet: still queued for it, or not queued at all (a
+        // frame waiting for budget).
         let pending = {
             let q = self.shared.lock();
-            self.received.saturating_sub(q.write.done + q.write.taken)
+            self.received.saturating_sub(q.queued) + q.write.len
         };
         reserve.refuse(pending)
     }
@@ -688,22 +684,24 @@ impl Pipeline {
         // The last stage to be done makes the bytes durable; when both are done already, a
         // blocking thread does.
         loop {
-            {
+            let finish_here = {
                 let mut q = self.shared.lock();
                 if let Some(e) = q.failed.take() {
                     return Err(stage_failed(e));
-                }
-                if q.closing.is_none() {
-                    q.closing = Some(last);
-                    if q.ready_to_finish() {
-                        let shared = self.shared.clone();
-                        tokio::task::spawn_blocking(move || Queues::finish_if_ready(shared.lock(), &shared));
-                    }
                 }
                 if q.outcome.is_some() {
                     break;
                 }
                 q.waiting = true;
+                q.closing.is_none() && {
+                    q.closing = Some(last);
+                    q.ready_to_finish()
+                }
+            };
+            if finish_here {
+                // Started once the lock is let go, like the stages.
+                let shared = self.shared.clone();
+                tokio::task::spawn_blocking(move || Queues::finish_if_ready(shared.lock(), &shared));
             }
             self.shared.changed.notified().await;
         }
